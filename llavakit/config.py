@@ -16,7 +16,7 @@ from .errors import InputError
 VISION_FAMILIES = ("clip", "siglip", "dinov2")
 LM_FAMILIES = ("llama", "qwen2")
 PROJECTOR_KINDS = ("linear", "mlp2x_gelu")
-ARCHITECTURES = ("llava", "llava_next", "llava_onevision")
+ARCHITECTURES = ("llava", "llava_next", "llava_onevision", "lm")
 
 
 def _check_keys(cls: type, data: Mapping[str, Any]) -> None:
@@ -133,6 +133,8 @@ class VLMConfig:
       - llava_next: anyres (best grid pinpoint, base view + tiles, unpadding, image_newline per row).
       - llava_onevision: anyres with `vision_aspect_ratio` "anyres_max_N" downsampling and a final
         image_newline.
+      - lm: a text-only language model (vision/projector unused); lets plain Llama/Qwen2
+        checkpoints run through the same API.
     """
 
     architecture: str = "llava"
@@ -152,6 +154,14 @@ class VLMConfig:
             raise InputError(f"unknown architecture {self.architecture!r}; valid: {', '.join(ARCHITECTURES)}")
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise InputError("vision_feature_select_strategy must be 'default' or 'full'")
+
+    @property
+    def has_vision(self) -> bool:
+        return self.architecture != "lm"
+
+    @property
+    def is_anyres(self) -> bool:
+        return self.architecture in ("llava_next", "llava_onevision")
 
     @property
     def feature_layers(self) -> tuple[int, ...]:

@@ -1,0 +1,145 @@
+"""The LLaVA composition: vision tower -> feature selection -> projector -> language model.
+
+Covers LLaVA-1.5 (Liu et al. 2023, "Improved Baselines with Visual Instruction Tuning"), LLaVA-NeXT
+anyres (Liu et al. 2024, "LLaVA-NeXT: Improved reasoning, OCR, and world knowledge") and
+LLaVA-OneVision (Li et al. 2024). Semantics follow transformers' modeling_llava*.py so HF checkpoints
+give the same logits; module names are those of transformers' legacy checkpoint layout
+(`vision_tower.*`, `multi_modal_projector.*`, `language_model.model.*`, `language_model.lm_head.*`,
+`image_newline`) so import/export is a key-for-key copy.
+
+Our choices: image features are produced per image (a list), which is where pre-LLM token stages (H2)
+plug in later; the number of tokens per image is owned here (`num_image_tokens`), and the processor
+asks for it, so placeholder count and feature count cannot disagree silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..config import VLMConfig
+from ..data import anyres
+from ..errors import InputError
+from .lm import build_lm
+from .projector import Projector
+from .vision import build_vision_tower
+
+
+@dataclass
+class VLMOutput:
+    logits: Tensor  # (B, T, V)
+    hidden_states: Tensor | None = None  # (B, T, D) final-normed
+
+
+class LlavaModel(nn.Module):
+    """A LLaVA-family model (or a text-only LM when `config.architecture == "lm"`)."""
+
+    def __init__(self, config: VLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        if config.has_vision:
+            self.vision_tower = build_vision_tower(config.vision)
+            self.multi_modal_projector = Projector(config.projector)
+            if config.is_anyres:
+                self.image_newline = nn.Parameter(torch.zeros(config.lm.hidden_size))
+        self.language_model = build_lm(config.lm)
+
+    # ------------------------------------------------------------------ visual side
+    def num_image_tokens(self, image_size: tuple[int, int] | None = None) -> int:
+        """Visual tokens one image of `image_size` (h, w) becomes in the LM input."""
+        cfg = self.config
+        if not cfg.has_vision:
+            raise InputError("this is a text-only model; it takes no images")
+        vc = cfg.vision
+        per_view = vc.grid * vc.grid + (1 if cfg.vision_feature_select_strategy == "full" and vc.has_cls else 0)
+        if not cfg.is_anyres:
+            return per_view
+        if image_size is None:
+            raise InputError("anyres models need the image size to count its tokens")
+        return anyres.num_anyres_tokens(
+            tuple(int(x) for x in image_size), pinpoints=cfg.image_grid_pinpoints, tile_size=vc.image_size,
+            grid=vc.grid, mode=cfg.architecture, vision_aspect_ratio=cfg.vision_aspect_ratio,
+            strategy=cfg.vision_feature_select_strategy)
+
+    def _select(self, pixel_values: Tensor) -> Tensor:
+        """Run the tower on (N, C, H, W) views and select feature layers -> (N, T, Dv)."""
+        cfg = self.config
+        out = self.vision_tower(pixel_values, layers=cfg.feature_layers)
+        feats = out.hidden_states[0] if len(out.hidden_states) == 1 else torch.cat(out.hidden_states, dim=-1)
+        if cfg.vision_feature_select_strategy == "default" and self.vision_tower.has_cls:
+            feats = feats[:, 1:]
+        return feats
+
+    def get_image_features(self, pixel_values: Tensor, image_sizes: Tensor | None = None) -> list[Tensor]:
+        """Projected features, one (N_i, D) tensor per image, in input order."""
+        cfg = self.config
+        if not cfg.has_vision:
+            raise InputError("this is a text-only model; it takes no images")
+        dtype = self.multi_modal_projector.linear_1.weight.dtype
+        if not cfg.is_anyres:
+            if pixel_values.dim() != 4:
+                raise InputError(f"pixel_values must be (N, C, H, W), got shape {tuple(pixel_values.shape)}")
+            feats = self.multi_modal_projector(self._select(pixel_values.to(dtype)))  # (N, T, D)
+            return list(feats.unbind(0))
+        if image_sizes is None:
+            raise InputError(f"{cfg.architecture} needs image_sizes (one (h, w) per image) with pixel_values")
+        sizes = [tuple(int(x) for x in s) for s in image_sizes.tolist()]
+        n_views = [self._num_views(s) for s in sizes]
+        if pixel_values.dim() == 5:  # (B, P, C, S, S) padded per image, as HF processors give it
+            if pixel_values.shape[0] != len(sizes):
+                raise InputError(f"{pixel_values.shape[0]} images in pixel_values but {len(sizes)} image_sizes")
+            pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, n_views)], dim=0)
+        elif pixel_values.dim() != 4 or pixel_values.shape[0] != sum(n_views):
+            raise InputError(f"pixel_values of shape {tuple(pixel_values.shape)} do not hold the "
+                             f"{sum(n_views)} views that image_sizes {sizes} imply")
+        feats = self.multi_modal_projector(self._select(pixel_values.to(dtype)))  # (sum P, N, D)
+        newline = self.image_newline
+        return [
+            anyres.pack_anyres_features(
+                f, size, pinpoints=cfg.image_grid_pinpoints, tile_size=cfg.vision.image_size,
+                grid=cfg.vision.grid, image_newline=newline, mode=cfg.architecture,
+                vision_aspect_ratio=cfg.vision_aspect_ratio)
+            for f, size in zip(feats.split(n_views, dim=0), sizes)
+        ]
+
+    def _num_views(self, size: tuple[int, int]) -> int:
+        rows, cols = anyres.anyres_grid_shape(size, self.config.image_grid_pinpoints, self.config.vision.image_size)
+        return rows * cols + 1
+
+    # ------------------------------------------------------------------ sequence assembly (H4)
+    def embed_inputs(self, input_ids: Tensor, pixel_values: Tensor | None = None,
+                     image_sizes: Tensor | None = None, image_features: Sequence[Tensor] | None = None) -> Tensor:
+        """Token embeddings with every image placeholder replaced by its visual features -> (B, T, D)."""
+        lm = self.language_model
+        image_mask = input_ids == self.config.image_token_id if self.config.has_vision else None
+        n_slots = int(image_mask.sum()) if image_mask is not None else 0
+        if image_features is None and pixel_values is not None:
+            image_features = self.get_image_features(pixel_values, image_sizes)
+        if not n_slots and not image_features:
+            return lm.embed(input_ids)
+        ids = input_ids.masked_fill(image_mask, 0) if n_slots else input_ids
+        embeds = lm.embed(ids)  # (B, T, D)
+        n_feats = sum(int(f.shape[0]) for f in image_features or ())
+        if n_slots != n_feats:
+            raise InputError(
+                f"the prompt has {n_slots} image-token placeholders but the images produce {n_feats} visual "
+                f"tokens; the processor must expand each <image> into exactly the model's count")
+        feats = torch.cat(list(image_features), dim=0).to(embeds.dtype)  # (n_slots, D)
+        return embeds.masked_scatter(image_mask[..., None], feats)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                pixel_values: Tensor | None = None, image_sizes: Tensor | None = None,
+                position_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                output_hidden_states: bool = False) -> VLMOutput:
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise InputError("pass input_ids or inputs_embeds")
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
+        hidden = self.language_model(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
+        logits = self.language_model.logits(hidden)
+        return VLMOutput(logits=logits, hidden_states=hidden if output_hidden_states else None)
