@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 
 def load(source: str = "default", dtype: Any = None, device: Any = None) -> "VLM":
-    """Load a model ("default", a local HF-format directory, or a hub id). See llavakit.load.load."""
-    from .load import load as _load
+    """Load a model ("default", a local HF-format directory, or a hub id). See llavakit.loader.load."""
+    from .loader import load as _load
 
     return _load(source, dtype=dtype, device=device)
 

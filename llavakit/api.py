@@ -185,7 +185,7 @@ class VLM:
                                      text_tokens=prompt_tokens, new_tokens=new_tokens)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        from .load import save_pretrained
+        from .loader import save_pretrained
         return save_pretrained(self, path)
 
 

@@ -24,7 +24,7 @@ FLOP convention (the one place it is stated; every figure llavakit reports uses 
   steps (token j is fed back to produce token j + 1; the last token is never fed). Decode step j
   (1-based) attends prompt + j keys. The KV cache at the end holds prompt + N - 1 positions per layer.
 - KV cache bytes = 2 (K and V) * layers * kv_heads * head_dim * tokens * dtype_bytes * batch.
-- Units in `summary()`: GFLOPs = 1e9 FLOPs, TFLOPs = 1e12 FLOPs, MB = 1e6 bytes.
+- Units in `summary()`: MFLOPs = 1e6, GFLOPs = 1e9, TFLOPs = 1e12 FLOPs; MB = 1e6 bytes.
 
 Vision layers run: the tower stops at the deepest feature layer LLaVA reads. hidden_states[k] is the
 input to layer k (hidden_states[0] = embeddings), so feature layer k >= 0 runs k layers and k < 0 runs

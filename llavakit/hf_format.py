@@ -24,7 +24,7 @@ from torch import Tensor
 from .config import LMConfig, ProjectorConfig, VLMConfig
 from .errors import CheckpointError
 from .models.lm.hf_config import lm_config_from_hf, lm_config_to_hf
-from .models.vision.hf_config import vision_config_from_hf, vision_config_to_hf
+from .models.vision.hf_config import convert_hf_vision_state_dict, vision_config_from_hf, vision_config_to_hf
 
 HF_ARCHITECTURES = {
     "llava": ("llava", "LlavaForConditionalGeneration"),
@@ -158,26 +158,28 @@ def _read_one(file: Path, kind: str) -> dict[str, Tensor]:
         raise CheckpointError(f"could not read weights from {file}: {e}") from None
 
 
-def normalize_keys(state: Mapping[str, Tensor], model_keys: set[str], arch: str) -> dict[str, Tensor]:
+def normalize_keys(state: Mapping[str, Tensor], config: VLMConfig) -> dict[str, Tensor]:
     """Map legacy and transformers-5 key layouts onto llavakit's module names."""
     out: dict[str, Tensor] = {}
+    vision: dict[str, Tensor] = {}
     for key, value in state.items():
         k = key
-        if arch == "lm":
+        if config.architecture == "lm":
+            out["language_model." + k] = value
+            continue
+        if k.startswith("model.language_model."):
+            k = "language_model.model." + k[len("model.language_model."):]
+        elif k.startswith("lm_head."):
             k = "language_model." + k
+        elif k.startswith("model."):
+            k = k[len("model."):]
+        if k.startswith("vision_tower."):
+            vision[k[len("vision_tower."):]] = value
         else:
-            if k.startswith("model.language_model."):
-                k = "language_model.model." + k[len("model.language_model."):]
-            elif k.startswith("lm_head."):
-                k = "language_model." + k
-            elif k.startswith("model."):
-                k = k[len("model."):]
-            if k.startswith("vision_tower.") and k not in model_keys:
-                rest = k[len("vision_tower."):]
-                alt = rest[len("vision_model."):] if rest.startswith("vision_model.") else "vision_model." + rest
-                if "vision_tower." + alt in model_keys:
-                    k = "vision_tower." + alt
-        out[k] = value
+            out[k] = value
+    if vision:
+        for k, v in convert_hf_vision_state_dict(config.vision.family, vision).items():
+            out["vision_tower." + k] = v
     return out
 
 

@@ -63,7 +63,7 @@ class LlavaModel(nn.Module):
         return anyres.num_anyres_tokens(
             tuple(int(x) for x in image_size), pinpoints=cfg.image_grid_pinpoints, tile_size=vc.image_size,
             grid=vc.grid, mode=cfg.architecture, vision_aspect_ratio=cfg.vision_aspect_ratio,
-            strategy=cfg.vision_feature_select_strategy)
+            strategy=cfg.vision_feature_select_strategy, num_additional_image_tokens=1 if vc.has_cls else 0)
 
     def _select(self, pixel_values: Tensor) -> Tensor:
         """Run the tower on (N, C, H, W) views and select feature layers -> (N, T, Dv)."""

@@ -74,6 +74,7 @@ class Attention(nn.Module):
         if t == 1 and n_rep > 1:
             # Decode: (B, H, 1, Dh) -> (B, Hkv, n_rep, Dh); a (B, 1, 1, S) mask broadcasts unchanged.
             out = sdpa(q.reshape(b, self.num_kv_heads, n_rep, self.head_dim), k, v, mask)
+            out = out.reshape(b, self.num_heads, 1, self.head_dim)  # (B, H, 1, Dh)
         else:
             out = sdpa(q, k, v, mask, is_causal=is_causal)  # (B, H, T, Dh)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
@@ -100,10 +101,11 @@ class Block(nn.Module):
 
     def __init__(self, cfg: LMConfig, qkv_bias: bool, o_bias: bool) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Registration order = transformers' state_dict order.
         self.self_attn = Attention(cfg, qkv_bias, o_bias)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool,
                 cache: KVCache | None, layer: int) -> Tensor:  # (B, T, D) -> (B, T, D)

@@ -93,7 +93,7 @@ def load_dir(path: Path, dtype: Any = None, device: Any = None, source: str = ""
     state = read_weights(path)
     model = LlavaModel(config)
     own = model.state_dict()
-    state = normalize_keys(state, set(own), config.architecture)
+    state = normalize_keys(state, config)
     tied = config.lm.tie_word_embeddings
     missing = [k for k in own if k not in state and not (tied and k.endswith("lm_head.weight"))]
     unexpected = [k for k in state if k not in own]
@@ -173,6 +173,11 @@ def _image_config_dict(path: Path, config: VLMConfig) -> dict[str, Any]:
             d = {"do_resize": True, "size": {"height": s, "width": s}, "image_mean": _IMAGENET_MEAN,
                  "image_std": _IMAGENET_STD}
         d.update(do_rescale=True, rescale_factor=1 / 255, do_normalize=True, resample=3, do_convert_rgb=True)
+    if not d.get("image_processor_type"):
+        d["image_processor_type"] = {"llava_next": "LlavaNextImageProcessor",
+                                     "llava_onevision": "LlavaOnevisionImageProcessor"}.get(
+            config.architecture, {"siglip": "SiglipImageProcessor", "dinov2": "BitImageProcessor"}.get(
+                config.vision.family, "CLIPImageProcessor"))
     if config.is_anyres and not d.get("image_grid_pinpoints"):
         d["image_grid_pinpoints"] = [list(p) for p in config.image_grid_pinpoints]
     return d

@@ -1,0 +1,165 @@
+"""Prefill and per-token decode speed: llavakit's LlamaLM vs transformers' LlamaForCausalLM.
+
+Both models are built at SmolLM2-135M size (30 layers, width 576, 9 heads / 3 KV heads, vocab 49152,
+tied embeddings) from one random initialisation (our model loads the HF state_dict), so they compute
+the same function; the script checks that before timing.
+
+What is timed (batch 1, no padding, torch.inference_mode, the process's default thread count):
+  - prefill: `--prompt-len` input embeddings through the model into a fresh KV cache (ours:
+    preallocated `KVCache`; transformers: the `DynamicCache` its forward creates), plus logits of the
+    last position only (transformers: `logits_to_keep=1`), as generation does. Median of `--reps` runs.
+  - decode: one token per step for `--decode-tokens` steps after a prefill: embed the token, run it
+    through the cache, last-position logits, greedy argmax. Median step time, pooled over `--reps` runs.
+Runs of the two implementations alternate so machine drift affects both alike.
+
+Usage (from the repo root, llavakit installed or on PYTHONPATH):
+    PYTHONPATH=. python benchmarks/forward_speed_lm.py --out results/forward_speed_lm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import platform
+import statistics
+import time
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from llavakit.models.lm import build_lm
+from llavakit.models.lm.hf_config import lm_config_from_hf
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                    rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def build_models(dtype: torch.dtype):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SMOLLM2_135M)
+    cfg._attn_implementation = "sdpa"
+    hf = LlamaForCausalLM(cfg).eval().to(dtype)
+    ours = build_lm(lm_config_from_hf(cfg.to_dict())).eval().to(dtype)
+    ours.load_state_dict(hf.state_dict())
+    return hf, ours
+
+
+# transformers 5.x renamed `past_key_values` to `cache` (the old name still works, with a warning).
+_CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def hf_prefill(hf, x):
+    out = hf(inputs_embeds=x, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], getattr(out, _CACHE_KW)
+
+
+def hf_step(hf, tok, cache):
+    out = hf(input_ids=tok[:, None], use_cache=True, logits_to_keep=1, **{_CACHE_KW: cache})
+    return out.logits[:, -1]
+
+
+def ours_prefill(lm, x, max_len):
+    cache = lm.new_cache(1, max_len)
+    return lm.logits(lm(x, None, None, cache)[:, -1:])[:, 0], cache
+
+
+def ours_step(lm, tok, cache):
+    return lm.logits(lm(lm.embed(tok[:, None]), None, None, cache))[:, 0]
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def run_once(name, model, x, n_decode):
+    """One prefill + n_decode greedy steps; returns (prefill seconds, [step seconds], tokens)."""
+    if name == "ours":
+        (logits, cache), t_pre = timed(lambda: ours_prefill(model, x, x.shape[1] + n_decode + 1))
+        step = lambda tok: ours_step(model, tok, cache)  # noqa: E731
+    else:
+        (logits, cache), t_pre = timed(lambda: hf_prefill(model, x))
+        step = lambda tok: hf_step(model, tok, cache)  # noqa: E731
+    steps, tokens = [], []
+    for _ in range(n_decode):
+        tok = logits.argmax(-1)
+        tokens.append(tok.item())
+        logits, dt = timed(lambda: step(tok))
+        steps.append(dt)
+    return t_pre, steps, tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="path of the JSON result")
+    ap.add_argument("--prompt-len", type=int, default=286)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+
+    hf, ours = build_models(dtype)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, args.prompt_len, SMOLLM2_135M["hidden_size"], generator=g) * 0.05).to(dtype)
+
+    with torch.inference_mode():
+        ref, _ = hf_prefill(hf, x)
+        got, _ = ours_prefill(ours, x, args.prompt_len + 1)
+        max_diff = (ref.float() - got.float()).abs().max().item()
+        results = {"ours": {"prefill": [], "decode": [], "tokens": None},
+                   "transformers": {"prefill": [], "decode": [], "tokens": None}}
+        run_once("ours", ours, x, 4)  # warm-up both
+        run_once("transformers", hf, x, 4)
+        for rep in range(args.reps):
+            order = ("ours", "transformers") if rep % 2 == 0 else ("transformers", "ours")
+            for name in order:
+                model = ours if name == "ours" else hf
+                t_pre, steps, tokens = run_once(name, model, x, args.decode_tokens)
+                results[name]["prefill"].append(t_pre)
+                results[name]["decode"].extend(steps)
+                results[name]["tokens"] = tokens
+
+    summary = {}
+    for name, r in results.items():
+        summary[name] = {"prefill_ms": 1e3 * statistics.median(r["prefill"]),
+                         "decode_ms_per_token": 1e3 * statistics.median(r["decode"]),
+                         "prefill_ms_all": [1e3 * t for t in r["prefill"]]}
+    ratio_pre = summary["ours"]["prefill_ms"] / summary["transformers"]["prefill_ms"]
+    ratio_dec = summary["ours"]["decode_ms_per_token"] / summary["transformers"]["decode_ms_per_token"]
+    same_tokens = results["ours"]["tokens"] == results["transformers"]["tokens"]
+
+    print(f"SmolLM2-135M size, {args.dtype}, batch 1, prompt {args.prompt_len} embeddings, "
+          f"{args.decode_tokens} decode steps x {args.reps} reps, torch threads {torch.get_num_threads()}")
+    print(f"prefill last-logit max abs diff ours vs transformers: {max_diff:.2e}; "
+          f"greedy tokens identical: {same_tokens}")
+    print(f"{'':14s}{'llavakit':>12s}{'transformers':>14s}{'ours/theirs':>13s}")
+    print(f"{'prefill ms':14s}{summary['ours']['prefill_ms']:12.1f}"
+          f"{summary['transformers']['prefill_ms']:14.1f}{ratio_pre:13.3f}")
+    print(f"{'decode ms/tok':14s}{summary['ours']['decode_ms_per_token']:12.2f}"
+          f"{summary['transformers']['decode_ms_per_token']:14.2f}{ratio_dec:13.3f}")
+
+    record = {
+        "benchmark": "forward_speed_lm",
+        "command": "python benchmarks/forward_speed_lm.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "model": {"size": "SmolLM2-135M (random init)", **SMOLLM2_135M},
+        "dtype": args.dtype, "batch": 1, "prompt_len": args.prompt_len,
+        "decode_tokens": args.decode_tokens, "reps": args.reps,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor(),
+        "prefill_logit_max_abs_diff": max_diff, "greedy_tokens_identical": same_tokens,
+        "results": summary,
+        "ratio_ours_over_transformers": {"prefill": ratio_pre, "decode": ratio_dec},
+    }
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""`llavakit <verb>`: one typed function per verb; `--help` on every verb.
+
+    llavakit generate --model default --image photo.png "What is in the image?"
+    llavakit info --model default
+    llavakit convert --model default --out ./my-llava-hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from .errors import InputError
+
+
+def cmd_generate(model: str, prompt: str, images: Sequence[str], max_new_tokens: int, temperature: float,
+                 top_p: float, top_k: int, seed: int | None, dtype: str | None, stream: bool) -> int:
+    from . import load
+
+    vlm = load(model, dtype=dtype)
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    if stream:
+        for piece in vlm.stream_chat(prompt, list(images), **kw):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(vlm.chat(prompt, list(images), **kw))
+    return 0
+
+
+def cmd_info(model: str, image_size: Sequence[int] | None, prompt_tokens: int, new_tokens: int,
+             as_json: bool) -> int:
+    from . import load
+
+    vlm = load(model)
+    cfg = vlm.config
+    n_params = sum(p.numel() for p in vlm.model.parameters())
+    info: dict = {"source": vlm.source, "architecture": cfg.architecture, "parameters": n_params,
+                  "language_model": {"family": cfg.lm.family, "layers": cfg.lm.num_hidden_layers,
+                                     "hidden_size": cfg.lm.hidden_size, "vocab_size": cfg.lm.vocab_size,
+                                     "parameters": sum(p.numel() for p in vlm.model.language_model.parameters())}}
+    sizes: list[tuple[int, int]] = []
+    if cfg.has_vision:
+        proc = vlm.processor.image_config
+        side = proc.tile_size if proc is not None else cfg.vision.image_size
+        h, w = image_size if image_size else (side, side)
+        sizes = [(int(h), int(w))]
+        info["vision_tower"] = {"family": cfg.vision.family, "layers": cfg.vision.num_hidden_layers,
+                                "hidden_size": cfg.vision.hidden_size, "patch_size": cfg.vision.patch_size,
+                                "parameters": sum(p.numel() for p in vlm.model.vision_tower.parameters())}
+        info["projector"] = {"kind": cfg.projector.kind, "in": cfg.projector.in_features,
+                             "out": cfg.projector.out_features}
+        info["image_size"] = [int(h), int(w)]
+        info["visual_tokens_per_image"] = vlm.model.num_image_tokens((int(h), int(w)))
+    cost = vlm.cost(prompt_tokens=prompt_tokens, new_tokens=new_tokens, image_sizes=sizes)
+    info["request"] = {"text_tokens": prompt_tokens, "new_tokens": new_tokens, "images": len(sizes),
+                       **cost.to_dict()}
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model:          {info['source']}")
+    print(f"architecture:   {cfg.architecture}  ({n_params / 1e6:.1f} M parameters)")
+    if cfg.has_vision:
+        v = info["vision_tower"]
+        print(f"vision tower:   {v['family']}  {v['layers']} layers x {v['hidden_size']}  patch {v['patch_size']}  "
+              f"({v['parameters'] / 1e6:.1f} M)")
+        print(f"projector:      {cfg.projector.kind}  {cfg.projector.in_features} -> {cfg.projector.out_features}")
+    lm = info["language_model"]
+    print(f"language model: {lm['family']}  {lm['layers']} layers x {lm['hidden_size']}  vocab {lm['vocab_size']}  "
+          f"({lm['parameters'] / 1e6:.1f} M)")
+    if cfg.has_vision:
+        print(f"visual tokens:  {info['visual_tokens_per_image']} per {sizes[0][1]}x{sizes[0][0]} px image")
+    print(f"one request ({len(sizes)} image, {prompt_tokens} text tokens, {new_tokens} new tokens):")
+    print("  " + cost.summary().replace("\n", "\n  "))
+    return 0
+
+
+def cmd_convert(model: str, out: str, dtype: str | None) -> int:
+    from . import load
+
+    vlm = load(model, dtype=dtype)
+    path = vlm.save_pretrained(out)
+    print(f"wrote {vlm.config.architecture} model in HF format to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llavakit", description="LLaVA-family models: run, inspect, convert.")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    g = sub.add_parser("generate", help="answer a prompt about images",
+                       description="Answer one prompt about zero or more images.")
+    g.add_argument("prompt", help="the question; <image> tags place images, else they are prepended")
+    g.add_argument("--model", default="default", help="'default', a local HF-format directory, or a hub id")
+    g.add_argument("--image", action="append", default=[], dest="images", help="image path (repeatable)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16, auto")
+    g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    g.set_defaults(fn=lambda a: cmd_generate(a.model, a.prompt, a.images, a.max_new_tokens, a.temperature,
+                                             a.top_p, a.top_k, a.seed, a.dtype, a.stream))
+
+    i = sub.add_parser("info", help="architecture, parameters, tokens per image, cost of one request",
+                       description="Describe a model and the analytic cost of one request.")
+    i.add_argument("--model", default="default")
+    i.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="image size for the token count (default: the model's input size)")
+    i.add_argument("--prompt-tokens", type=int, default=30, help="text tokens in the request")
+    i.add_argument("--new-tokens", type=int, default=32, help="generated tokens in the request")
+    i.add_argument("--json", action="store_true", dest="as_json")
+    i.set_defaults(fn=lambda a: cmd_info(a.model, a.image_size, a.prompt_tokens, a.new_tokens, a.as_json))
+
+    c = sub.add_parser("convert", help="export a model to HF format",
+                       description="Export a llavakit model as an HF-format directory transformers loads.")
+    c.add_argument("--model", default="default")
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--dtype", default=None)
+    c.set_defaults(fn=lambda a: cmd_convert(a.model, a.out, a.dtype))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    fn: Callable[[argparse.Namespace], int] = args.fn
+    try:
+        return fn(args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
