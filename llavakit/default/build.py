@@ -166,10 +166,9 @@ def ensure_default(cache_dir: str | Path | None = None, *, rebuild: bool = False
             if not verify_sources or _sources_match(marker):
                 return target
         _remove_stale(target)
+        locate.vision_onnx_path(), locate.smollm2_gguf_path()  # fail with the pip command before any work
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the final directory follows the umask
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the final directory follows the umask
         try:
             build_into(tmp)
             _swap_into_place(tmp, target)
@@ -272,15 +271,8 @@ def build_into(out: str | Path) -> dict[str, Any]:
     image_processor.save_pretrained(out)  # preprocessor_config.json
     (out / "README.md").write_text(_readme(onnx_path, gguf_path))
 
-    for name in REQUIRED_FILES:
-        if not (out / name).is_file():
-            raise CheckpointError(f"building the default model did not write {name}")
-    marker = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "name": DEFAULT_NAME,
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "build_seconds": None,
+    fields = {
+        "build_seconds": round(time.perf_counter() - started, 2),
         "image_token": IMAGE_TOKEN,
         "image_token_id": image_token_id,
         "image_size": IMAGE_SIZE,
@@ -291,16 +283,32 @@ def build_into(out: str | Path) -> dict[str, Any]:
             "language": _source_info(locate.LANGUAGE_SOURCE, gguf_path),
         },
         "converters": {name: _version(name) for name in ("llavakit", "transformers", "torch", "onnx", "gguf", "safetensors", "tokenizers")},
-        "files": {},
     }
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in out.iterdir():  # safetensors writes 0600; make the files follow the umask like the rest
-        if p.is_file():
-            os.chmod(p, 0o666 & ~umask)
-    marker["build_seconds"] = round(time.perf_counter() - started, 2)
-    marker["files"] = {
-        p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(out.iterdir()) if p.is_file()
+    return write_marker(out, fields)
+
+
+def write_marker(out: str | Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Finish a build directory: make file modes follow the umask, hash every file, and write
+    ``llavakit.json`` (format, version, ``fields``, files) last and durably."""
+    out = Path(out)
+    missing = [name for name in REQUIRED_FILES if not (out / name).is_file()]
+    if missing:
+        raise CheckpointError(f"building the default model did not write {', '.join(missing)}")
+    mode = 0o666 & ~_umask()
+    for path in out.iterdir():  # safetensors writes 0600; make the files follow the umask like the rest
+        if path.is_file():
+            os.chmod(path, mode)
+    marker = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "name": DEFAULT_NAME,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **fields,
+        "files": {
+            p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(out.iterdir())
+            if p.is_file() and p.name != MARKER
+        },
     }
     _write_json_durably(out / MARKER, marker)
     _fsync_dir(out)
@@ -396,6 +404,18 @@ The projector is untrained: answers about images are meaningless until it is tra
 Load with `transformers.LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor.from_pretrained`.
 Sources used for this build: `{onnx_path.name}`, `{gguf_path.name}`; see `{MARKER}` for versions and hashes.
 """
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, briefly, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write_json_durably(path: Path, data: Any) -> None:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..models.lm.llama import default_position_ids
+from ..layers.rope import default_position_ids
 from .sampling import sample_next
 
 

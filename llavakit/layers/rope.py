@@ -47,7 +47,8 @@ def rope_inv_freq(head_dim: int, theta: float, rope_scaling: Mapping[str, Any] |
             return inv_freq / factor
         low = float(rope_scaling["low_freq_factor"])  # type: ignore[index]
         high = float(rope_scaling["high_freq_factor"])  # type: ignore[index]
-        old_len = rope_scaling.get("original_max_position_embeddings", max_position_embeddings)  # type: ignore[union-attr]
+        old_len = rope_scaling.get("original_max_position_embeddings",  # type: ignore[union-attr]
+                                   max_position_embeddings)
         if old_len is None:
             raise KeyError("original_max_position_embeddings")
         old_len = float(old_len)
@@ -88,3 +89,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x (B, H, T, Dh); cos, sin (B, T, Dh) -> rotated x (B, H, T, Dh)."""
     cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, Dh)
     return x * cos + rotate_half(x) * sin
+
+
+def default_position_ids(attention_mask: Tensor | None, q_len: int, past: int, device: torch.device) -> Tensor:
+    """Positions as transformers' generation computes them.
+
+    With a mask (B, S): cumsum(mask) - 1 with padding positions set to 1, last `q_len` columns -> (B, T).
+    Without: arange(past, past + q_len) -> (1, T), broadcast over the batch.
+    """
+    if attention_mask is not None:
+        pos = attention_mask.long().cumsum(-1) - 1
+        pos = pos.masked_fill(attention_mask == 0, 1)
+        return pos[:, -q_len:]
+    return torch.arange(past, past + q_len, device=device)[None]

@@ -15,7 +15,8 @@ def build_lm(config: LMConfig) -> LlamaLM:
     try:
         cls = LM_CLASSES[config.family]
     except KeyError:
-        raise InputError(f"unknown language-model family {config.family!r}; valid: {', '.join(sorted(LM_CLASSES))}") from None
+        valid = ", ".join(sorted(LM_CLASSES))
+        raise InputError(f"unknown language-model family {config.family!r}; valid: {valid}") from None
     return cls(config)
 
 

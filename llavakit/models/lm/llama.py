@@ -31,7 +31,7 @@ from ...errors import InputError
 from ...layers.attention import attention_rows, causal_padding_mask, sdpa
 from ...layers.kv_cache import KVCache
 from ...layers.norms import RMSNorm
-from ...layers.rope import RotaryEmbedding, apply_rope
+from ...layers.rope import RotaryEmbedding, apply_rope, default_position_ids
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
@@ -121,19 +121,6 @@ class DecoderStack(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, qkv_bias, o_bias) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
-def default_position_ids(attention_mask: Tensor | None, q_len: int, past: int, device: torch.device) -> Tensor:
-    """Positions as transformers' generation computes them.
-
-    With a mask (B, S): cumsum(mask) - 1 with padding positions set to 1, last `q_len` columns -> (B, T).
-    Without: arange(past, past + q_len) -> (1, T), broadcast over the batch.
-    """
-    if attention_mask is not None:
-        pos = attention_mask.long().cumsum(-1) - 1
-        pos = pos.masked_fill(attention_mask == 0, 1)
-        return pos[:, -q_len:]
-    return torch.arange(past, past + q_len, device=device)[None]
 
 
 class LlamaLM(nn.Module):
