@@ -60,13 +60,14 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import CheckpointError
 from ..paths import cache_dir as user_cache_dir
 from . import locate
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_NAME = "default-v1"
 FORMAT = "llavakit-default"
@@ -159,14 +160,14 @@ def ensure_default(cache_dir: str | Path | None = None, *, rebuild: bool = False
     if not rebuild and not verify_sources and is_complete(target):
         return target  # fast path: no lock, no imports beyond this module
 
+    locate.vision_onnx_path(), locate.smollm2_gguf_path()  # fail with the pip command before any work
     target.parent.mkdir(parents=True, exist_ok=True)
     with _build_lock(target):
+        _remove_stale(target)
         marker = read_marker(target)
         if marker is not None and not rebuild:
             if not verify_sources or _sources_match(marker):
                 return target
-        _remove_stale(target)
-        locate.vision_onnx_path(), locate.smollm2_gguf_path()  # fail with the pip command before any work
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the final directory follows the umask
         try:
@@ -187,9 +188,14 @@ def ensure_default(cache_dir: str | Path | None = None, *, rebuild: bool = False
 def build_into(out: str | Path) -> dict[str, Any]:
     """Convert the packaged weights and write the whole HF-LLaVA directory into ``out`` (which should
     be empty and private to this build). Returns the marker (also written, last, as llavakit.json)."""
+    import torch
     from safetensors.torch import save_file
     from transformers import Dinov2Config, GenerationConfig, LlavaConfig, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    try:  # transformers 5: the PIL backend (the default class wants torchvision); same saved config
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:  # pragma: no cover - transformers 4
+        from transformers import CLIPImageProcessor as ImageProcessor
 
     from .dinov2_onnx import dinov2_from_onnx
     from .smollm2_gguf import smollm2_from_gguf
@@ -241,7 +247,7 @@ def build_into(out: str | Path) -> dict[str, Any]:
         bos_token_id=text_cfg.bos_token_id, eos_token_id=text_cfg.eos_token_id, pad_token_id=text_cfg.pad_token_id
     ).save_pretrained(out)
 
-    image_processor = CLIPImageProcessorPil(
+    image_processor = ImageProcessor(
         do_resize=True,
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         resample=3,  # PIL bicubic
@@ -277,12 +283,19 @@ def build_into(out: str | Path) -> dict[str, Any]:
         "image_token_id": image_token_id,
         "image_size": IMAGE_SIZE,
         "image_seq_length": IMAGE_SEQ_LENGTH,
-        "projector_init": {"kind": "mlp2x_gelu", "seed": PROJECTOR_SEED, "scheme": "nn.Linear default (uniform +-1/sqrt(fan_in))"},
+        "projector_init": {
+            "kind": "mlp2x_gelu",
+            "seed": PROJECTOR_SEED,
+            "scheme": "nn.Linear default (uniform +-1/sqrt(fan_in))",
+        },
         "sources": {
             "vision": _source_info(locate.VISION_SOURCE, onnx_path),
             "language": _source_info(locate.LANGUAGE_SOURCE, gguf_path),
         },
-        "converters": {name: _version(name) for name in ("llavakit", "transformers", "torch", "onnx", "gguf", "safetensors", "tokenizers")},
+        "converters": {
+            name: _version(name)
+            for name in ("llavakit", "transformers", "torch", "onnx", "gguf", "safetensors", "tokenizers")
+        },
     }
     return write_marker(out, fields)
 
@@ -298,6 +311,7 @@ def write_marker(out: str | Path, fields: dict[str, Any]) -> dict[str, Any]:
     for path in out.iterdir():  # safetensors writes 0600; make the files follow the umask like the rest
         if path.is_file():
             os.chmod(path, mode)
+            _fsync_file(path)  # data on disk before the marker that vouches for it
     marker = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -318,6 +332,8 @@ def write_marker(out: str | Path, fields: dict[str, Any]) -> dict[str, Any]:
 def init_projector(in_features: int, out_features: int, seed: int = PROJECTOR_SEED) -> dict[str, torch.Tensor]:
     """``linear_1`` (in -> out), ``linear_2`` (out -> out), weights and biases uniform in
     +-1/sqrt(fan_in) (``nn.Linear``'s default), drawn in that order from ``torch.Generator(seed)``."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
 
     def uniform(shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
@@ -424,6 +440,12 @@ def _write_json_durably(path: Path, data: Any) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:

@@ -301,7 +301,8 @@ def backbone_tensor_names(path_or_model: Any) -> dict[str, Any]:
 
     n_layers = len({k.split(".")[3] for k in g.initializers if k.startswith(_PREFIX + "encoder.layer.")})
     embeddings, _ = residual_after(f"{_PREFIX}encoder.layer.0.layer_scale1.lambda1")
-    hidden = [embeddings] + [residual_after(f"{_PREFIX}encoder.layer.{i}.layer_scale2.lambda1")[1] for i in range(n_layers)]
+    hidden = [embeddings]
+    hidden += [residual_after(f"{_PREFIX}encoder.layer.{i}.layer_scale2.lambda1")[1] for i in range(n_layers)]
     (ln_add,) = g.consumers_of(f"{_PREFIX}layernorm.bias", "Add")
     return {"hidden_states": hidden, "last_hidden_state": ln_add.output[0], "output": model.graph.output[0].name,
             "input": model.graph.input[0].name}
@@ -353,7 +354,9 @@ class SaliencyHead(nn.Module):
 def saliency_head_from_onnx(path: str | Path) -> SaliencyHead:
     """The ONNX file's ``decoder.*`` weights in a ``SaliencyHead`` (eval mode)."""
     g = _Graph(load_onnx(path))
-    dec = {k[len("decoder."):]: torch.from_numpy(v.copy()) for k, v in g.initializers.items() if k.startswith("decoder.")}
+    dec = {
+        k[len("decoder."):]: torch.from_numpy(v.copy()) for k, v in g.initializers.items() if k.startswith("decoder.")
+    }
     hidden = dec["upconv1.weight"].shape[0]
     channels = tuple(int(dec[f"upconv{i}.weight"].shape[1]) for i in (1, 2, 3))
     eps = 1e-5

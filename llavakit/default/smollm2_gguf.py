@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,7 +102,9 @@ def _dequantised_state_dict(path: Path, config: Any) -> dict[str, torch.Tensor]:
     unmapped = []
     for tensor in reader.tensors:
         weights = dequantize(tensor.data, tensor.tensor_type)
-        result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping=gguf_to_hf, parsed_parameters={})
+        result = processor.process(
+            weights=weights, name=tensor.name, tensor_key_mapping=gguf_to_hf, parsed_parameters={}
+        )
         if result.name not in gguf_to_hf:
             unmapped.append(result.name)
             continue
@@ -187,5 +188,3 @@ def save_llama_dir(conversion: SmolLM2Conversion, out_dir: str | Path) -> Path:
     conversion.tokenizer.save_pretrained(out)
     return out
 
-
-logging.getLogger(__name__).addHandler(logging.NullHandler())
