@@ -148,6 +148,10 @@ class VLMConfig:
     vision_aspect_ratio: str = "anyres_max_9"  # llava_onevision only
     # Name of the chat template the processor uses (see llavakit.data.templates).
     chat_template: str = "vicuna_v1"
+    # The side (px) of one view fed to the tower when it differs from vision.image_size (e.g. DINOv2,
+    # whose 518 px position grid is interpolated to 224 px inputs). None = vision.image_size.
+    # HF LLaVA configs carry it as image_seq_length (= (image_size / patch)^2).
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -162,6 +166,16 @@ class VLMConfig:
     @property
     def is_anyres(self) -> bool:
         return self.architecture in ("llava_next", "llava_onevision")
+
+    @property
+    def input_size(self) -> int:
+        """Side (px) of one view as the processor feeds it to the tower."""
+        return self.image_size or self.vision.image_size
+
+    @property
+    def view_grid(self) -> int:
+        """Patches per side of one view at `input_size`."""
+        return self.input_size // self.vision.patch_size
 
     @property
     def feature_layers(self) -> tuple[int, ...]:

@@ -107,7 +107,7 @@ def tokens_per_image(config: VLMConfig) -> int:
 
 def _tokens_per_view(config: VLMConfig) -> int:
     vc = config.vision
-    return vc.grid ** 2 + int(config.vision_feature_select_strategy == "full" and vc.has_cls)
+    return config.view_grid ** 2 + int(config.vision_feature_select_strategy == "full" and vc.has_cls)
 
 
 # -------------------------------------------------------------------------------- projector / LM
@@ -272,7 +272,7 @@ def request_cost(config: VLMConfig, *, visual_tokens_per_stage: Mapping[str, int
         vis = proj = 0
     else:
         stages = _visual_stages(config, visual_tokens_per_stage or {}, views, v)
-        vis = vision_flops(config.vision, views, vision_layers_run(config))
+        vis = vision_flops(config.vision, views, vision_layers_run(config), grid=config.view_grid)
         proj = projector_flops(config.projector, stages["projector"])
     prefill = tuple(lm_layer_prefill_flops(lc, k) for k in per_layer_tokens)
     head = lm_head_flops(lc, prompt if prefill_logits_all else 1)

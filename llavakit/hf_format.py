@@ -14,6 +14,7 @@ export writes what transformers' own `save_pretrained` writes, so transformers r
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -83,7 +84,16 @@ def vlm_config_from_hf(raw: Mapping[str, Any]) -> VLMConfig:
     image_token = full.get("image_token_index", full.get("image_token_id"))
     if image_token is None:
         raise CheckpointError("config.json names no image_token_index")
+    image_size = None
+    # transformers writes image_seq_length=576 for every LLaVA config, so it only tells the input size
+    # for towers that interpolate positions to any size (DINOv2); CLIP/SigLIP run at their native size.
+    seq = raw.get("image_seq_length")
+    if arch == "llava" and seq and vision.family == "dinov2":
+        side = int(round(math.sqrt(int(seq) - (1 if full.get("vision_feature_select_strategy") == "full"
+                                               and vision.has_cls else 0)))) * vision.patch_size
+        image_size = side if side != vision.image_size else None
     return VLMConfig(
+        image_size=image_size,
         architecture=arch, vision=vision, lm=lm, projector=projector, image_token_id=int(image_token),
         vision_feature_layer=layers,
         vision_feature_select_strategy=full.get("vision_feature_select_strategy", "default"),
@@ -113,6 +123,9 @@ def vlm_config_to_hf(cfg: VLMConfig) -> dict[str, Any]:
         "multimodal_projector_bias": cfg.projector.bias,
         "tie_word_embeddings": cfg.lm.tie_word_embeddings,
     }
+    if cfg.architecture == "llava":
+        extra = 1 if cfg.vision_feature_select_strategy == "full" and cfg.vision.has_cls else 0
+        out["image_seq_length"] = cfg.view_grid ** 2 + extra
     if cfg.is_anyres:
         out["image_grid_pinpoints"] = [list(p) for p in cfg.image_grid_pinpoints]
     if cfg.architecture == "llava_onevision":

@@ -280,6 +280,7 @@ def from_chat_messages(messages: Sequence[Mapping[str, Any]], images: Sequence[I
 
     Each message's content is rendered with `templates.message_text` (what inference does). Images come
     from `images` when given, else from the image parts' `"image"` (path or PIL image) or `"path"` keys.
+    Video parts are not accepted (inference has no video path yet).
     """
     turns = []
     found: list[ImageRef] = []

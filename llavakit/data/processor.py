@@ -98,9 +98,11 @@ class Processor:
                     pv[i, : v.shape[0]] = v
                 out["pixel_values"] = pv  # (N, Pmax, 3, S, S)
                 out["image_sizes"] = torch.tensor(sizes, dtype=torch.long)  # (N, 2)
+                counts = [int(self.count_tokens(s)) for s in sizes]
             else:
                 out["pixel_values"] = preprocess(pil, self.image_config)  # (N, 3, H, W)
-            counts = [int(self.count_tokens(s)) for s in sizes]
+                view = tuple(int(x) for x in out["pixel_values"].shape[-2:])
+                counts = [int(self.count_tokens(view))] * len(pil)
         ids = self._tokenize(texts, counts)
         out.update(_pad(ids, self._pad_id(), padding_side))
         return out

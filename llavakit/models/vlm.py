@@ -50,14 +50,19 @@ class LlavaModel(nn.Module):
 
     # ------------------------------------------------------------------ visual side
     def num_image_tokens(self, image_size: tuple[int, int] | None = None) -> int:
-        """Visual tokens one image of `image_size` (h, w) becomes in the LM input."""
+        """Visual tokens one image becomes in the LM input.
+
+        `image_size` (h, w): for anyres models the original image size; for fixed-resolution models the
+        preprocessed view size (default: the configured input size).
+        """
         cfg = self.config
         if not cfg.has_vision:
             raise InputError("this is a text-only model; it takes no images")
         vc = cfg.vision
-        per_view = vc.grid * vc.grid + (1 if cfg.vision_feature_select_strategy == "full" and vc.has_cls else 0)
-        if not cfg.is_anyres:
-            return per_view
+        extra = 1 if cfg.vision_feature_select_strategy == "full" and vc.has_cls else 0
+        if not cfg.is_anyres:  # image_size here is the preprocessed view (h, w) the tower sees
+            h, w = image_size if image_size is not None else (cfg.input_size, cfg.input_size)
+            return (int(h) // vc.patch_size) * (int(w) // vc.patch_size) + extra
         if image_size is None:
             raise InputError("anyres models need the image size to count its tokens")
         return anyres.num_anyres_tokens(

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Union
+from typing import Sequence, Union
 
 import numpy as np
 
@@ -167,8 +167,10 @@ def place_object(
     placed: list[Obj],
     canvas: int,
     unit: float,
+    blocked: Sequence[tuple[float, float, float, float]] = (),
 ) -> Obj | None:
-    """Draw a radius and a centre inside `cell` so the object overlaps none of `placed`; None on failure."""
+    """Draw a radius and a centre inside `cell` so the object overlaps none of `placed` and none of the
+    `blocked` boxes (canvas px); None on failure."""
     r = int(round(unit * rng.uniform(*_RADIUS[size])))
     font_px = FONT_PX * unit
     probe = Obj(shape, colour, size, 0, 0, r, word)
@@ -187,7 +189,8 @@ def place_object(
         y = int(rng.integers(y_lo, y_hi + 1))
         obj = Obj(shape, colour, size, x, y, r, word)
         box = obj.box(font_px)
-        if cell_of(x, y, canvas) == cell and not any(boxes_overlap(box, p.box(font_px), gap) for p in placed):
+        others = [p.box(font_px) for p in placed] + list(blocked)
+        if cell_of(x, y, canvas) == cell and not any(boxes_overlap(box, b, gap) for b in others):
             return obj
     return None
 

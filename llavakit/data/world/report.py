@@ -1,0 +1,129 @@
+"""Scene reports with synthetic errors: the radiology report error-checking protocol on the world.
+
+Protocol from "Exploring Multimodal Large Language Models for Radiology Report Error-checking"
+(techniques.md #25, abstract level): an image and its report; some reports carry a synthetic error
+(insert / remove / substitute). SIMPLE asks whether the report contains an error (yes/no); COMPLEX asks
+which kind (none / insert / remove / substitute).
+
+Here a report is one statement per object, in reading order of the 3x3 grid ("There is a large red
+circle in the top left. There is a small blue star at the bottom."). The corruptions:
+
+- insert: a statement about an object that is NOT in the image (random shape/colour/size, placed in
+  an empty grid cell, in reading order like the others);
+- remove: the statement about one object that IS in the image is dropped (the report misses it);
+- substitute: one real object's statement gets a wrong colour or a wrong shape (50/50).
+
+Ours: every corrupted report reads like a clean one (same templates, one statement per cell, reading
+order, no object count stated), so the text alone cannot tell them apart. `sample_report_case` also
+removes the length shortcut for SIMPLE: with n objects in the image and k statements in the report,
+insert draws n uniform in 1..4 (k = n + 1), remove n uniform in 2..5 (k = n - 1), and none and
+substitute n from (1, 2, 2, 2, 1)/8 over 1..5 (k = n). Then the distributions of n and of k are the
+same for correct and erroneous reports; only comparing the two (or the attributes) tells. For COMPLEX
+the ends still leak a little (k = 1 is never insert, k = 5 never remove).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import InputError
+from .language import POSITION_PHRASES, _pick
+from .scene import COLOURS, POSITIONS, SHAPES, SIZES, Obj, RngLike, Scene, as_rng, sample_scene
+
+REPORT_LABELS = ("none", "insert", "remove", "substitute")
+CORRUPTIONS = REPORT_LABELS[1:]
+
+# One template per report (all statements use it); {phrase} = "large red circle", {where} = "in the top left".
+STATEMENT_TEMPLATES = (
+    "There is a {phrase} {where}.",
+    "A {phrase} is {where}.",
+    "{Where}, there is a {phrase}.",
+)
+SIMPLE_TEMPLATES = (
+    "Does this report contain an error?",
+    "Is there a mistake in this report?",
+    "Does the following report contain an error?",
+)
+COMPLEX_TEMPLATE = "Which kind of error does this report contain: none, insert, remove or substitute?"
+
+# n (objects in the image) per label, see the module docstring.
+_N_WEIGHTS = {
+    "none": (1, 2, 2, 2, 1),
+    "substitute": (1, 2, 2, 2, 1),
+    "insert": (1, 1, 1, 1, 0),
+    "remove": (0, 1, 1, 1, 1),
+}
+
+
+def _statement(template: str, size: str, colour: str, shape: str, position: str) -> str:
+    where = POSITION_PHRASES[position]
+    return template.format(phrase=f"{size} {colour} {shape}", where=where, Where=where[0].upper() + where[1:])
+
+
+def report(scene: Scene, rng: RngLike = None, corrupt: str | None = None) -> tuple[str, str]:
+    """(report text, label) for `scene`; label is "none" or the corruption applied (see module doc).
+
+    Raises InputError for an unknown `corrupt`, "remove" on a one-object scene (the report would be
+    empty) and "insert" on a scene with all 9 cells taken.
+    """
+    rng = as_rng(rng)
+    if corrupt is not None and corrupt not in CORRUPTIONS:
+        raise InputError(f"corrupt must be None or one of {CORRUPTIONS}, got {corrupt!r}")
+    # (cell, size, colour, shape) per statement
+    rows = [(POSITIONS.index(scene.position(o)), o.size, o.colour, o.shape) for o in scene.objects]
+    if corrupt == "insert":
+        free = [c for c in range(len(POSITIONS)) if c not in {r[0] for r in rows}]
+        if not free:
+            raise InputError("cannot insert a statement: every grid cell already holds an object")
+        rows.append((_pick(rng, free), _pick(rng, SIZES), _pick(rng, COLOURS), _pick(rng, SHAPES)))
+    elif corrupt == "remove":
+        if len(rows) < 2:
+            raise InputError("cannot remove a statement from a one-object scene (the report would be empty)")
+        rows.pop(int(rng.integers(len(rows))))
+    elif corrupt == "substitute":
+        i = int(rng.integers(len(rows)))
+        cell, size, colour, shape = rows[i]
+        if rng.random() < 0.5:
+            colour = _pick(rng, [c for c in COLOURS if c != colour])
+        else:
+            shape = _pick(rng, [s for s in SHAPES if s != shape])
+        rows[i] = (cell, size, colour, shape)
+    template = _pick(rng, STATEMENT_TEMPLATES)
+    rows.sort(key=lambda r: r[0])
+    text = " ".join(_statement(template, size, colour, shape, POSITIONS[cell]) for cell, size, colour, shape in rows)
+    return text, corrupt or "none"
+
+
+def report_question(text: str, level: str, rng: RngLike = None) -> str:
+    """The SIMPLE (yes/no) or COMPLEX (error kind) question about report `text`."""
+    rng = as_rng(rng)
+    if level == "simple":
+        head = _pick(rng, SIMPLE_TEMPLATES)
+    elif level == "complex":
+        head = COMPLEX_TEMPLATE
+    else:
+        raise InputError(f"level must be 'simple' or 'complex', got {level!r}")
+    return f"{head}\nReport: {text}"
+
+
+def report_answer(label: str, level: str) -> str:
+    """"yes"/"no" for SIMPLE, the label itself for COMPLEX."""
+    if label not in REPORT_LABELS:
+        raise InputError(f"label must be one of {REPORT_LABELS}, got {label!r}")
+    if level == "simple":
+        return "no" if label == "none" else "yes"
+    return label
+
+
+def sample_report_case(
+    rng: RngLike, label: str, *, canvas: int = 224, split: str | None = None
+) -> tuple[Scene, str, str]:
+    """(scene, report text, label) with the object count drawn for `label` as in the module docstring."""
+    rng = as_rng(rng)
+    if label not in REPORT_LABELS:
+        raise InputError(f"label must be one of {REPORT_LABELS}, got {label!r}")
+    w = np.array(_N_WEIGHTS[label], dtype=float)
+    n = 1 + int(rng.choice(len(w), p=w / w.sum()))
+    scene = sample_scene(rng, canvas=canvas, n_objects=n, split=split)
+    text, got = report(scene, rng, None if label == "none" else label)
+    return scene, text, got
