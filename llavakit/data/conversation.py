@@ -103,6 +103,8 @@ def _validate(s: Sample) -> None:
             raise InputError(f"{who}: turn {i} has unknown role {role!r}; valid roles: {', '.join(ROLES)}")
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"{who}: turn {i} ({role}) is empty")
+        if role != "user" and IMAGE_TAG in text:
+            raise InputError(f"{who}: turn {i} ({role}) contains {IMAGE_TAG}; image tags belong in user turns")
         if role == "system":
             if i != 0:
                 raise InputError(f"{who}: a system turn may only come first (found at turn {i})")
@@ -112,9 +114,9 @@ def _validate(s: Sample) -> None:
             raise InputError(f"{who}: turn {i} is {role!r}: {what} (user and assistant must alternate, "
                              "after an optional system turn)")
         seen_user = True
-        if role != "user" and IMAGE_TAG in text:
-            raise InputError(f"{who}: turn {i} ({role}) contains {IMAGE_TAG}; image tags belong in user turns")
         expected = "assistant" if role == "user" else "user"
+    if not seen_user:
+        raise InputError(f"{who}: no user/assistant turns, only a system turn")
     if expected != "user":
         raise InputError(f"{who}: the conversation ends with a user turn that has no answer")
     n_tags = sum(t.count(IMAGE_TAG) for _, t in s.turns)

@@ -16,7 +16,9 @@ template, tokenizer and image-token expansion — the processor owns the image-t
 
 How the assistant spans are found (ours, template-agnostic): for assistant turn k the prompt
 `render(turns[:k], add_generation_prompt=True)` and the closed turn `render(turns[:k+1], False)` are
-tokenised; the labels are the ids between the two lengths. This only works if rendering and
+tokenised; the labels are the ids between the two lengths. Prefixes are tokenised with one token per
+image (no image is preprocessed twice) and their lengths mapped onto the processor's ids for the whole
+conversation, so the image-token counts come from the processor alone. This only works if rendering and
 tokenisation are *prefix-stable* (each prefix's ids are a prefix of the full ids); that is checked for
 every turn, and a template or tokenizer that breaks it raises `InputError` naming the sample, the turn
 and the first differing token, instead of silently mislabelling. One instability is repaired: a prefix
@@ -96,15 +98,19 @@ class SupervisedDataset(Dataset):
         except InputError as e:
             raise InputError(f"{who}: {e}") from None
         ids = enc["input_ids"][0].tolist()  # (T,)
-        counts = [int(proc.count_tokens((im.height, im.width))) for im in pil]
+        # Prefixes are tokenised with one token per image ("compact" ids, no image preprocessing) and
+        # their lengths mapped onto the processor's ids, so the processor alone decides image-token counts.
+        n_media = len(pil)
+        compact = _tokenize(proc, full_text, [1] * n_media)
+        to_full = _position_map(compact, ids, proc.image_token_id if n_media else None, who)
 
         labels = [IGNORE_INDEX] * len(ids)
         targets = [k for k, (r, _) in enumerate(sample.turns) if r == "assistant"]
         if self.loss_on == "last":
             targets = targets[-1:]
         for k in targets:
-            start = self._prefix_len(messages[:k], True, full_text, ids, counts, who, k)
-            end = self._prefix_len(messages[: k + 1], False, full_text, ids, counts, who, k)
+            start = to_full[self._prefix_len(messages[:k], True, full_text, compact, who, k)]
+            end = to_full[self._prefix_len(messages[: k + 1], False, full_text, compact, who, k)]
             if end <= start:
                 raise InputError(f"{who}: assistant turn {k} adds no tokens under this chat template")
             labels[start:end] = ids[start:end]
@@ -131,9 +137,9 @@ class SupervisedDataset(Dataset):
             item["image_sizes"] = torch.tensor([(im.height, im.width) for im in pil], dtype=torch.long)  # (N, 2)
         return item
 
-    def _prefix_len(self, messages: list[dict[str, str]], gen_prompt: bool, full_text: str, ids: list[int],
-                    counts: list[int], who: str, turn: int) -> int:
-        """Token length of a rendered prefix, checked to be a prefix of the full ids."""
+    def _prefix_len(self, messages: list[dict[str, str]], gen_prompt: bool, full_text: str, compact: list[int],
+                    who: str, turn: int) -> int:
+        """Compact token length of a rendered prefix, checked to be a prefix of the whole conversation."""
         proc = self.processor
         text = proc.apply_chat_template(messages, add_generation_prompt=gen_prompt) if messages else ""
         if not full_text.startswith(text):
@@ -142,27 +148,58 @@ class SupervisedDataset(Dataset):
                              f"the whole conversation (...{text[-40:]!r}); assistant tokens cannot be located")
         if not text:
             return 0
-        n_tags = text.count(IMAGE_TAG)
-        prefix = _tokenize(proc, text, counts[:n_tags])
-        if ids[: len(prefix)] != prefix and text.rstrip() != text:
+        ones = [1] * text.count(IMAGE_TAG)
+        prefix = _tokenize(proc, text, ones)
+        if compact[: len(prefix)] != prefix and text.rstrip() != text:
             # BPE merges trailing whitespace into the next token (" USER" after "answer "): cut before it
-            stripped = _tokenize(proc, text.rstrip(), counts[:n_tags])
-            if ids[: len(stripped)] == stripped:
+            stripped = _tokenize(proc, text.rstrip(), ones)
+            if compact[: len(stripped)] == stripped:
                 return len(stripped)
-        if ids[: len(prefix)] != prefix:
-            j = next((i for i, (a, b) in enumerate(zip(prefix, ids)) if a != b), len(ids))
+        if compact[: len(prefix)] != prefix:
+            j = next((i for i, (a, b) in enumerate(zip(prefix, compact)) if a != b), len(compact))
             got = proc.tokenizer.convert_ids_to_tokens(prefix[j:j + 3])
-            want = proc.tokenizer.convert_ids_to_tokens(ids[j:j + 3])
-            raise InputError(f"{who}: tokenisation is not prefix-stable at turn {turn}: position {j} is "
+            want = proc.tokenizer.convert_ids_to_tokens(compact[j:j + 3])
+            raise InputError(f"{who}: tokenisation is not prefix-stable at turn {turn}: token {j} is "
                              f"{got} in the prefix but {want} in the whole conversation; assistant tokens "
                              "cannot be located")
         return len(prefix)
 
 
 def _tokenize(processor: Any, text: str, counts: list[int]) -> list[int]:
-    """Ids of `text` with its `<image>` tags expanded to `counts` tokens — the processor's own expansion,
-    without preprocessing the images again."""
+    """Ids of `text` with its `<image>` tags expanded to `counts` tokens (the processor's own expansion,
+    without preprocessing any image)."""
     return processor._tokenize([text], counts)[0]
+
+
+def _position_map(compact: list[int], full: list[int], image_id: int | None, who: str) -> list[int]:
+    """`m[j]` = the position in `full` of compact position j (len(compact) + 1 entries).
+
+    `compact` has one image token per image, `full` the processor's expansion; a run of image tokens in
+    one matches a run in the other, every other token must be equal.
+    """
+    m = [0] * (len(compact) + 1)
+    i = j = 0
+    while j < len(compact):
+        if image_id is not None and compact[j] == image_id:
+            j2, i2 = j, i
+            while j2 < len(compact) and compact[j2] == image_id:
+                j2 += 1
+            while i2 < len(full) and full[i2] == image_id:
+                i2 += 1
+            if i2 == i:
+                break
+            m[j:j2] = [i] * (j2 - j)
+            i, j = i2, j2
+        else:
+            if i >= len(full) or full[i] != compact[j]:
+                break
+            m[j] = i
+            i, j = i + 1, j + 1
+    if j != len(compact) or i != len(full):
+        raise InputError(f"{who}: the processor's ids disagree with the conversation's tokens at token {j} "
+                         "(outside image tokens); cannot locate assistant turns")
+    m[len(compact)] = len(full)
+    return m
 
 
 # ---------------------------------------------------------------------------------------------- collate

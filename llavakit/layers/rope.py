@@ -65,13 +65,21 @@ def rope_inv_freq(head_dim: int, theta: float, rope_scaling: Mapping[str, Any] |
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for given positions. `inv_freq` is a non-persistent buffer (not in state_dict,
-    as in transformers)."""
+    as in transformers). Our choice: it stays fp32 when the model is cast (`.to(torch.bfloat16)`),
+    as it is in a transformers model loaded with `from_pretrained(dtype=...)`; a plain `.to()` of a
+    transformers model would round it to bf16."""
 
     def __init__(self, head_dim: int, theta: float = 10000.0, rope_scaling: Mapping[str, Any] | None = None,
                  max_position_embeddings: int | None = None) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, rope_scaling, max_position_embeddings),
-                             persistent=False)
+        self._args = (head_dim, theta, rope_scaling, max_position_embeddings)
+        self.register_buffer("inv_freq", rope_inv_freq(*self._args), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:  # recompute rather than upcast a rounded copy
+            self.inv_freq = rope_inv_freq(*self._args).to(self.inv_freq.device)
+        return self
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """position_ids (B, T) -> cos, sin each (B, T, Dh), computed in fp32 then cast to `dtype`."""

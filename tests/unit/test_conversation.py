@@ -192,5 +192,9 @@ def test_sample_validates_directly():
         Sample("d", (), (("user", "q"), ("bot", "a")))
     with pytest.raises(InputError, match="sample 'e'.*empty conversation"):
         Sample("e", (), ())
+    with pytest.raises(InputError, match="only a system turn"):
+        Sample("s", (), (("system", "be brief"),))
+    with pytest.raises(InputError, match="turn 0 \\(system\\) contains <image>"):
+        Sample("s", ("a.png",), (("system", "<image>"), ("user", "q"), ("assistant", "a")))
     with pytest.raises(InputError, match="images must be paths"):
         Sample("f", (3,), (("user", "<image>q"), ("assistant", "a")))  # type: ignore[arg-type]

@@ -279,7 +279,10 @@ def test_mixed_dataset_is_deterministic():
 def test_mixed_dataset_errors(sources, length, match):
     with pytest.raises(InputError, match=match):
         MixedDataset(sources, length, seed=0)
-    if sources and length:
-        return
+
+
+def test_mixed_dataset_index_range():
+    mix = MixedDataset([(_Range("a", 3), 1.0)], 5)
+    assert mix[-1] == mix[4]
     with pytest.raises(IndexError):
-        MixedDataset([(_Range("a", 3), 1.0)], 5)[5]
+        mix[5]

@@ -172,3 +172,18 @@ def test_hf_config_both_rope_styles_and_round_trip():
         lm_config_from_hf({"model_type": "qwen2", **_small(), "use_sliding_window": True})
     with pytest.raises(InputError, match="rope type"):
         lm_config_from_hf({**base, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}})
+
+
+@torch.no_grad()
+def test_bf16_cast_keeps_rope_fp32_and_tracks_fp32():
+    _, ours = make_pair("llama")
+    ids, mask = padded_batch()
+    ref = ours.logits(ours(ours.embed(ids), mask))
+    ours = ours.to(torch.bfloat16)
+    assert ours.rotary.inv_freq.dtype == torch.float32
+    cache = ours.new_cache(2, 12)
+    assert cache.keys[0].dtype == torch.bfloat16
+    got = ours.logits(ours(ours.embed(ids), mask, None, cache))
+    assert got.dtype == torch.bfloat16
+    real = mask.bool()
+    assert torch.allclose(got[real].float(), ref[real], atol=0.15 * ref.abs().max().item())

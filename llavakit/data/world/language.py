@@ -21,7 +21,8 @@ templates and answer vocabularies are ours, chosen to be learnable by a small mo
 
 from __future__ import annotations
 
-from typing import Sequence
+import re
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -169,17 +170,27 @@ def count_question(scene: Scene, rng: RngLike = None, *, total_only: bool = Fals
     return f"How many {PLURALS[shape]} are there?", str(n)
 
 
-def exists_question(scene: Scene, rng: RngLike = None, answer: bool | None = None) -> QA:
-    """"Is there a green triangle?" -> "yes"/"no". `answer` None draws it with a fair coin first."""
+def exists_question(
+    scene: Scene, rng: RngLike = None, answer: bool | None = None, *, avoid: Collection[tuple[str, str]] = ()
+) -> QA | None:
+    """"Is there a green triangle?" -> "yes"/"no".
+
+    `answer` None draws it with a fair coin. A "yes" asks about a random object, a "no" about an
+    absent (colour, shape) pair, half the time a near miss (sharing a colour or a shape with an object).
+    Pairs in `avoid` are never asked; when that leaves no question for one of the two answers, None is
+    returned whatever the answer would have been (so skipping cannot unbalance yes/no).
+    """
     rng = as_rng(rng)
+    present = [(o.colour, o.shape) for o in scene.objects]
+    yes = [p for p in present if p not in avoid]
+    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present and (c, s) not in avoid]
+    if not yes or not absent:
+        return None
     if answer is None:
         answer = bool(rng.random() < 0.5)
-    present = {(o.colour, o.shape) for o in scene.objects}
     if answer:
-        obj = _pick(rng, scene.objects)
-        colour, shape = obj.colour, obj.shape
+        colour, shape = _pick(rng, yes)
     else:
-        absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
         near = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
         colour, shape = _pick(rng, near if near and rng.random() < 0.5 else absent)
     return _pick(rng, EXISTS_TEMPLATES).format(colour=colour, shape=shape), YES_NO[0 if answer else 1]
@@ -210,42 +221,83 @@ def what_is_at(scene: Scene, rng: RngLike = None) -> QA:
 
 # ------------------------------------------------------------------------------ multi-round
 
-# (kind, weight) of a training round; "read" only when the scene has words.
+# (kind, weight) of a training round; "read" only when the scene has words; "describe" only last.
 ROUND_KINDS = (
     ("colour", 0.18), ("shape", 0.18), ("position", 0.16), ("count", 0.12), ("exists", 0.12),
     ("attribute", 0.06), ("what_at", 0.05), ("read", 0.08), ("describe", 0.05),
 )  # fmt: skip
 CLOSED_KINDS = ("colour", "shape", "position", "count", "exists")  # kinds with a one-word exact answer
-_FOLLOW_UP = 0.3  # chance of a pronoun follow-up after a question about one object
+_FOLLOW_UP = 0.3  # chance of "Where is it?" right after a colour/shape question
 
 
-def _one_round(scene: Scene, kind: str, rng: np.random.Generator, *, total_only: bool) -> tuple[QA | None, Obj | None]:
-    obj = _pick(rng, scene.objects)
-    if kind == "colour":
-        return colour_question(scene, obj, rng), obj
-    if kind == "shape":
-        return shape_question(scene, obj, rng), obj
+def _count_key(question: str) -> str:
+    words = set(re.findall(r"[a-z]+", question.lower()))
+    hits = [w for w in (*COLOURS, *PLURALS.values()) if w in words]
+    return hits[0] if hits else "total"
+
+
+class _Context:
+    """What earlier rounds already said, so that no later round can be answered from the text alone.
+
+    A (colour, shape) pair counts as said when both words occur in one round (question or answer); an
+    object's position counts as said when its pair and its position name occur in one round, or after
+    a "Where is it?" about it.
+    """
+
+    def __init__(self, scene: Scene):
+        self.scene = scene
+        self.pairs: set[tuple[str, str]] = set()
+        self.placed: set[int] = set()  # indices of objects whose position was said
+        self.words: set[str] = set()
+        self.counts: set[str] = set()  # what was counted: "total", a colour or a plural shape
+
+    def add(self, qa: QA, about: int | None = None, follow_up: bool = False) -> None:
+        text = f"{qa[0]} {qa[1]}".lower()
+        words = set(re.findall(r"[a-z]+", text))
+        self.words |= words
+        if qa[0].startswith("How many"):
+            self.counts.add(_count_key(qa[0]))
+        new = {(c, s) for c in COLOURS if c in words for s in SHAPES if s in words}
+        self.pairs |= new
+        for i, o in enumerate(self.scene.objects):
+            if (o.colour, o.shape) in new and self.scene.position(o) in text:
+                self.placed.add(i)
+        if follow_up and about is not None:
+            self.placed.add(about)
+
+    def known(self, obj: Obj) -> bool:
+        return (obj.colour, obj.shape) in self.pairs
+
+
+def _one_round(
+    scene: Scene, kind: str, rng: np.random.Generator, ctx: _Context, *, total_only: bool
+) -> tuple[QA | None, int | None]:
+    """One round of `kind`, or None when it would repeat what `ctx` already said."""
+    i = int(rng.integers(len(scene.objects)))
+    obj = scene.objects[i]
+    if kind in ("colour", "shape", "attribute"):
+        if ctx.known(obj):
+            return None, None
+        make = {"colour": colour_question, "shape": shape_question, "attribute": attribute_check}[kind]
+        return make(scene, obj, rng), i
     if kind == "position":
-        return position_question(scene, obj, rng), obj
+        return (None, None) if i in ctx.placed else (position_question(scene, obj, rng), i)
     if kind == "read":
-        return read_question(scene, obj, rng), obj
-    if kind == "attribute":
-        return attribute_check(scene, obj, rng), obj
+        return (None, None) if obj.word in ctx.words else (read_question(scene, obj, rng), i)
     if kind == "count":
-        return count_question(scene, rng, total_only=total_only), None
+        qa = count_question(scene, rng, total_only=total_only)
+        return (None, None) if _count_key(qa[0]) in ctx.counts else (qa, None)
     if kind == "exists":
-        return exists_question(scene, rng), None
+        return exists_question(scene, rng, avoid=ctx.pairs), None
     if kind == "what_at":
-        return what_is_at(scene, rng), None
+        qa = what_is_at(scene, rng)
+        said = [j for j, o in enumerate(scene.objects) if ctx.known(o) and j in ctx.placed]
+        return (None, None) if any(qa[1] == describe(scene, scene.objects[j], position=False, word=False)
+                                   and POSITION_PHRASES[scene.position(scene.objects[j])] in qa[0]
+                                   for j in said) else (qa, None)  # fmt: skip
     if kind == "describe":
         return (_pick(rng, DESCRIBE_PROMPTS), caption(scene, rng)), None
     raise InputError(f"unknown round kind {kind!r}; valid: {[k for k, _ in ROUND_KINDS]}")
-
-
-def _follow_up(scene: Scene, obj: Obj, previous: str, rng: np.random.Generator) -> QA:
-    if previous == "position":
-        return _pick(rng, ("What colour is it?", "And what colour is it?")), obj.colour
-    return _pick(rng, ("Where is it?", "And where is it?")), scene.position(obj)
 
 
 def instructions(
@@ -256,15 +308,21 @@ def instructions(
     kinds: Sequence[str] | None = None,
     follow_ups: bool = True,
 ) -> list[QA]:
-    """`rounds` (question, answer) pairs about `scene`, all different, for one multi-round sample.
+    """`rounds` (question, answer) pairs about `scene` for one multi-round sample (fewer only if the
+    scene runs out of fresh questions, which a 1-object scene can after ~6 rounds).
+
+    No round repeats a question or can be answered from the text of earlier rounds (see `_Context`);
+    the only rounds that need an earlier one are the follow-ups "Where is it?" (after a colour or
+    shape question whose object's position is not yet said), which need it for "it".
 
     Args:
-        kinds: restrict round kinds (default: all of `ROUND_KINDS`, weighted; "read" only with words).
-            With `kinds` given, they are drawn uniformly and counts are totals only.
-        follow_ups: allow "Where is it?" / "What colour is it?" after a question about one object.
+        kinds: restrict round kinds (default: all of `ROUND_KINDS`, weighted; "read" only with words,
+            "describe" only as the last round). With `kinds` given, they are drawn uniformly and counts
+            are totals only.
+        follow_ups: allow "Where is it?" follow-ups.
     """
     rng = as_rng(rng)
-    if not isinstance(rounds, (int, np.integer)) or not 1 <= rounds <= 16:
+    if not isinstance(rounds, (int, np.integer)) or isinstance(rounds, bool) or not 1 <= rounds <= 16:
         raise InputError(f"rounds must be an int in 1..16, got {rounds!r}")
     has_words = any(o.word is not None for o in scene.objects)
     if kinds is None:
@@ -273,31 +331,32 @@ def instructions(
         total_only = False
     else:
         unknown = [k for k in kinds if k not in dict(ROUND_KINDS)]
-        if unknown:
-            raise InputError(f"unknown round kinds {unknown}; valid: {[k for k, _ in ROUND_KINDS]}")
+        if unknown or not kinds:
+            raise InputError(f"unknown round kinds {list(kinds)}; valid: {[k for k, _ in ROUND_KINDS]}")
         names, weights = list(kinds), np.ones(len(kinds))
         total_only = True
     weights = weights / weights.sum()
+    ctx = _Context(scene)
     out: list[QA] = []
     seen: set[str] = set()
-    last: tuple[str, Obj] | None = None
+    last: int | None = None  # object of the previous round when a follow-up may come next
     for _ in range(50 * rounds):
         if len(out) == rounds:
             break
-        if follow_ups and last is not None and last[0] in ("colour", "shape", "position") and rng.random() < _FOLLOW_UP:
-            qa, last = _follow_up(scene, last[1], last[0], rng), None
+        follow = follow_ups and last is not None and last not in ctx.placed and rng.random() < _FOLLOW_UP
+        if follow:
+            qa, about = (_pick(rng, ("Where is it?", "And where is it?")), scene.position(scene.objects[last])), last
+            kind = "follow_up"
         else:
             kind = names[int(rng.choice(len(names), p=weights))]
-            qa, obj = _one_round(scene, kind, rng, total_only=total_only)
-            last = (kind, obj) if qa is not None and obj is not None else None
+            if kind == "describe" and len(out) < rounds - 1:
+                continue
+            qa, about = _one_round(scene, kind, rng, ctx, total_only=total_only)
         if qa is None or qa[0] in seen:
             last = None  # a follow-up must come right after the round it refers to
             continue
         seen.add(qa[0])
+        ctx.add(qa, about, follow_up=follow)
         out.append(qa)
-    if len(out) < rounds:  # tiny scenes run out of distinct questions: pad with counts/existence
-        for qa in (count_question(scene, rng, total_only=True), exists_question(scene, rng)):
-            if len(out) < rounds and qa[0] not in seen:
-                seen.add(qa[0])
-                out.append(qa)
+        last = about if kind in ("colour", "shape") else None
     return out
