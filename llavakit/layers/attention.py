@@ -28,10 +28,8 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal:
     q: (B, H, T, Dh); k, v: (B, Hkv, S, Dh) with H a multiple of Hkv (GQA handled here);
     mask: bool (B or 1, 1 or H, T, S), True = attend. Returns (B, H, T, Dh).
     """
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
-                                          scale=scale)
+                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def attention_rows(q_rows: Tensor, k: Tensor, mask: Tensor | None = None, scale: float | None = None) -> Tensor:

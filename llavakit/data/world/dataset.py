@@ -26,10 +26,10 @@ from typing import Iterator
 import numpy as np
 
 from ...errors import InputError
-from .language import QA, _pick, caption, instructions
+from .language import QA, caption, instructions
 from .render import render
 from .report import REPORT_LABELS, report_answer, report_question, sample_report_case
-from .scene import Scene, sample_scene
+from .scene import Scene, pick, sample_scene
 from .tasks import TRAIN_SEED_BASE
 
 TRAIN_KINDS = ("caption", "instruction", "report", "mixed")
@@ -88,16 +88,16 @@ def train_record(i: int, seed: int = 0, kind: str = "mixed", *, canvas: int = 22
     if what == "report":
         level = "simple" if rng.random() < 0.5 else "complex"
         if level == "simple":
-            label = "none" if rng.random() < 0.5 else _pick(rng, REPORT_LABELS[1:])
+            label = "none" if rng.random() < 0.5 else pick(rng, REPORT_LABELS[1:])
         else:
-            label = _pick(rng, REPORT_LABELS)
+            label = pick(rng, REPORT_LABELS)
         scene, text, label = sample_report_case(rng, label, canvas=canvas, split="train")
         turns: tuple[QA, ...] = ((report_question(text, level, rng), report_answer(label, level)),)
     else:
         words = bool(rng.random() < WORDS_FRACTION)
         scene = sample_scene(rng, canvas=canvas, n_objects=(1, 4), words=words, split="train")
         if what == "caption":
-            turns = ((_pick(rng, CAPTION_PROMPTS), caption(scene, rng)),)
+            turns = ((pick(rng, CAPTION_PROMPTS), caption(scene, rng)),)
         else:
             turns = tuple(instructions(scene, rng, int(rng.integers(1, 5))))
     return TrainRecord(f"world-{kind}-{seed}-{i:07d}", what, scene, turns)

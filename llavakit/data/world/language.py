@@ -15,8 +15,12 @@ templates and answer vocabularies are ours, chosen to be learnable by a small mo
   the wording predicts nothing (unlike easy-vqa, whose wording predicts yes/no ~80 % of the time).
   "No" questions about a colour+shape pair prefer near misses (an existing colour with another shape,
   or the reverse), so colour and shape must be bound to the same object.
-- Multi-round samples may follow a question about an object with "Where is it?" / "What colour is
-  it?": the answer needs the earlier round in context.
+- Multi-round samples never ask what earlier rounds already said (no round can be answered from the
+  conversation text alone), and may follow a colour/shape question about an object with "Where is
+  it?", which needs the earlier round in context.
+- Training rounds also include "Is the circle red?" (yes/no, balanced the same way), "What is in the
+  top left?" ("a large red circle" or "nothing"), per-colour / per-shape counts and short
+  descriptions; `CLOSED_KINDS` are those the eval's multi-round task uses.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Collection, Sequence
 import numpy as np
 
 from ...errors import InputError
-from .scene import COLOURS, POSITIONS, SHAPES, Obj, RngLike, Scene, as_rng
+from .scene import COLOURS, POSITIONS, SHAPES, Obj, RngLike, Scene, as_rng, pick
 
 POSITION_PHRASES = {
     "top left": "in the top left", "top": "at the top", "top right": "in the top right",
@@ -60,10 +64,6 @@ REFS_FOR_POSITION = (("colour", "shape"), ("size", "colour", "shape"))
 REFS_FOR_READ = (("colour", "shape"), ("size", "colour", "shape"))
 
 
-def _pick(rng: np.random.Generator, options: Sequence):
-    return options[int(rng.integers(len(options)))]
-
-
 def describe(scene: Scene, obj: Obj, *, size: bool = True, position: bool = True, word: bool = True) -> str:
     """"a large red circle in the top left (labelled "cat")" style noun phrase for `obj`."""
     text = "a " + " ".join(([obj.size] if size else []) + [obj.colour, obj.shape])
@@ -78,12 +78,19 @@ def _attr(scene: Scene, obj: Obj, key: str) -> str:
     return scene.position(obj) if key == "position" else getattr(obj, key)
 
 
-def referent(scene: Scene, obj: Obj, options: Sequence[Sequence[str]]) -> str | None:
-    """The first phrase ("the red object", "the large circle", ...) naming `obj` alone, else None."""
+def referent_keys(scene: Scene, obj: Obj, options: Sequence[Sequence[str]]) -> tuple[str, ...] | None:
+    """The first attribute set in `options` whose values `obj` alone has in `scene`, else None."""
     for keys in options:
         matches = [o for o in scene.objects if all(_attr(scene, o, k) == _attr(scene, obj, k) for k in keys)]
-        if len(matches) != 1:
-            continue
+        if len(matches) == 1:
+            return tuple(keys)
+    return None
+
+
+def referent(scene: Scene, obj: Obj, options: Sequence[Sequence[str]]) -> str | None:
+    """The first phrase ("the red object", "the large circle", ...) naming `obj` alone, else None."""
+    keys = referent_keys(scene, obj, options)
+    if keys is not None:
         adjectives = [getattr(obj, k) for k in ("size", "colour") if k in keys]
         noun = obj.shape if "shape" in keys else "object"
         text = "the " + " ".join(adjectives + [noun])
@@ -130,28 +137,28 @@ def colour_question(scene: Scene, obj: Obj, rng: RngLike = None, refs=REFS_FOR_C
     """"What colour is the circle?" -> "red"; None if `obj` has no unique referent among `refs`."""
     rng = as_rng(rng)
     ref = referent(scene, obj, refs)
-    return None if ref is None else (_pick(rng, COLOUR_TEMPLATES).format(ref=ref), obj.colour)
+    return None if ref is None else (pick(rng, COLOUR_TEMPLATES).format(ref=ref), obj.colour)
 
 
 def shape_question(scene: Scene, obj: Obj, rng: RngLike = None, refs=REFS_FOR_SHAPE) -> QA | None:
     """"What shape is the red object?" -> "circle"."""
     rng = as_rng(rng)
     ref = referent(scene, obj, refs)
-    return None if ref is None else (_pick(rng, SHAPE_TEMPLATES).format(ref=ref), obj.shape)
+    return None if ref is None else (pick(rng, SHAPE_TEMPLATES).format(ref=ref), obj.shape)
 
 
 def position_question(scene: Scene, obj: Obj, rng: RngLike = None, refs=REFS_FOR_POSITION) -> QA | None:
     """"Where is the blue square?" -> "top left" (a `POSITIONS` name)."""
     rng = as_rng(rng)
     ref = referent(scene, obj, refs)
-    return None if ref is None else (_pick(rng, POSITION_TEMPLATES).format(ref=ref), scene.position(obj))
+    return None if ref is None else (pick(rng, POSITION_TEMPLATES).format(ref=ref), scene.position(obj))
 
 
 def read_question(scene: Scene, obj: Obj, rng: RngLike = None, refs=REFS_FOR_READ) -> QA | None:
     """"What word is written under the red circle?" -> "cat"; None without a word or unique referent."""
     rng = as_rng(rng)
     ref = referent(scene, obj, refs) if obj.word is not None else None
-    return None if ref is None else (_pick(rng, READ_TEMPLATES).format(ref=ref), obj.word)
+    return None if ref is None else (pick(rng, READ_TEMPLATES).format(ref=ref), obj.word)
 
 
 def count_question(scene: Scene, rng: RngLike = None, *, total_only: bool = False) -> QA:
@@ -159,13 +166,13 @@ def count_question(scene: Scene, rng: RngLike = None, *, total_only: bool = Fals
     rng = as_rng(rng)
     kind = 0 if total_only else int(rng.integers(3))
     if kind == 0:
-        return _pick(rng, COUNT_TEMPLATES), str(len(scene.objects))
+        return pick(rng, COUNT_TEMPLATES), str(len(scene.objects))
     # The counted colour / shape is one in the scene half of the time, so "0" does not dominate.
     if kind == 1:
-        colour = _pick(rng, scene.objects).colour if rng.random() < 0.5 else _pick(rng, COLOURS)
+        colour = pick(rng, scene.objects).colour if rng.random() < 0.5 else pick(rng, COLOURS)
         n = sum(o.colour == colour for o in scene.objects)
         return f"How many {colour} shapes are there?", str(n)
-    shape = _pick(rng, scene.objects).shape if rng.random() < 0.5 else _pick(rng, SHAPES)
+    shape = pick(rng, scene.objects).shape if rng.random() < 0.5 else pick(rng, SHAPES)
     n = sum(o.shape == shape for o in scene.objects)
     return f"How many {PLURALS[shape]} are there?", str(n)
 
@@ -189,11 +196,11 @@ def exists_question(
     if answer is None:
         answer = bool(rng.random() < 0.5)
     if answer:
-        colour, shape = _pick(rng, yes)
+        colour, shape = pick(rng, yes)
     else:
         near = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
-        colour, shape = _pick(rng, near if near and rng.random() < 0.5 else absent)
-    return _pick(rng, EXISTS_TEMPLATES).format(colour=colour, shape=shape), YES_NO[0 if answer else 1]
+        colour, shape = pick(rng, near if near and rng.random() < 0.5 else absent)
+    return pick(rng, EXISTS_TEMPLATES).format(colour=colour, shape=shape), YES_NO[0 if answer else 1]
 
 
 def attribute_check(scene: Scene, obj: Obj, rng: RngLike = None, answer: bool | None = None) -> QA | None:
@@ -204,7 +211,7 @@ def attribute_check(scene: Scene, obj: Obj, rng: RngLike = None, answer: bool | 
     ref = referent(scene, obj, REFS_FOR_COLOUR)
     if ref is None:
         return None
-    colour = obj.colour if answer else _pick(rng, [c for c in COLOURS if c != obj.colour])
+    colour = obj.colour if answer else pick(rng, [c for c in COLOURS if c != obj.colour])
     return f"Is {ref} {colour}?", YES_NO[0 if answer else 1]
 
 
@@ -214,8 +221,8 @@ def what_is_at(scene: Scene, rng: RngLike = None) -> QA:
     taken = {scene.position(o): o for o in scene.objects}
     free = [p for p in POSITIONS if p not in taken]
     if free and rng.random() < 0.5:
-        return f"What is {POSITION_PHRASES[_pick(rng, free)]}?", "nothing"
-    obj = _pick(rng, scene.objects)
+        return f"What is {POSITION_PHRASES[pick(rng, free)]}?", "nothing"
+    obj = pick(rng, scene.objects)
     return f"What is {POSITION_PHRASES[scene.position(obj)]}?", describe(scene, obj, position=False, word=False)
 
 
@@ -236,12 +243,18 @@ def _count_key(question: str) -> str:
     return hits[0] if hits else "total"
 
 
+_REFS = {"colour": REFS_FOR_COLOUR, "attribute": REFS_FOR_COLOUR, "shape": REFS_FOR_SHAPE,
+         "position": REFS_FOR_POSITION, "read": REFS_FOR_READ}  # fmt: skip
+
+
 class _Context:
     """What earlier rounds already said, so that no later round can be answered from the text alone.
 
-    A (colour, shape) pair counts as said when both words occur in one round (question or answer); an
-    object's position counts as said when its pair and its position name occur in one round, or after
-    a "Where is it?" about it.
+    A (colour, shape) pair counts as settled when both words occur in one round (question or answer);
+    when a referent names an object by its shape alone ("the circle": so there is one circle) or its
+    colour alone, every pair with that shape / colour; when a count of a colour or shape is "0", every
+    pair with it. An object's position counts as said when its pair and its position name
+    occur in one round, or after a "Where is it?" about it.
     """
 
     def __init__(self, scene: Scene):
@@ -251,18 +264,27 @@ class _Context:
         self.words: set[str] = set()
         self.counts: set[str] = set()  # what was counted: "total", a colour or a plural shape
 
-    def add(self, qa: QA, about: int | None = None, follow_up: bool = False) -> None:
+    def add(self, qa: QA, kind: str, about: int | None = None) -> None:
         text = f"{qa[0]} {qa[1]}".lower()
         words = set(re.findall(r"[a-z]+", text))
         self.words |= words
-        if qa[0].startswith("How many"):
-            self.counts.add(_count_key(qa[0]))
         new = {(c, s) for c in COLOURS if c in words for s in SHAPES if s in words}
+        if qa[0].startswith("How many"):
+            key = _count_key(qa[0])
+            self.counts.add(key)
+            if qa[1] == "0":
+                new |= {(c, s) for c in COLOURS for s in SHAPES if key in (c, PLURALS[s])}
+        if about is not None and kind in _REFS:
+            obj = self.scene.objects[about]
+            keys = referent_keys(self.scene, obj, _REFS[kind])
+            if keys is not None and set(keys) <= {"colour", "shape"}:
+                new |= {(c, s) for c in COLOURS for s in SHAPES
+                        if ("colour" not in keys or c == obj.colour) and ("shape" not in keys or s == obj.shape)}  # fmt: skip
         self.pairs |= new
         for i, o in enumerate(self.scene.objects):
             if (o.colour, o.shape) in new and self.scene.position(o) in text:
                 self.placed.add(i)
-        if follow_up and about is not None:
+        if kind == "follow_up" and about is not None:
             self.placed.add(about)
 
     def known(self, obj: Obj) -> bool:
@@ -288,6 +310,8 @@ def _one_round(
         qa = count_question(scene, rng, total_only=total_only)
         return (None, None) if _count_key(qa[0]) in ctx.counts else (qa, None)
     if kind == "exists":
+        # Settled pairs are avoided; once every object's pair is settled no "yes" is left, so (to keep
+        # yes/no balanced) no existence question is asked at all.
         return exists_question(scene, rng, avoid=ctx.pairs), None
     if kind == "what_at":
         qa = what_is_at(scene, rng)
@@ -296,7 +320,7 @@ def _one_round(
                                    and POSITION_PHRASES[scene.position(scene.objects[j])] in qa[0]
                                    for j in said) else (qa, None)  # fmt: skip
     if kind == "describe":
-        return (_pick(rng, DESCRIBE_PROMPTS), caption(scene, rng)), None
+        return (pick(rng, DESCRIBE_PROMPTS), caption(scene, rng)), None
     raise InputError(f"unknown round kind {kind!r}; valid: {[k for k, _ in ROUND_KINDS]}")
 
 
@@ -345,7 +369,7 @@ def instructions(
             break
         follow = follow_ups and last is not None and last not in ctx.placed and rng.random() < _FOLLOW_UP
         if follow:
-            qa, about = (_pick(rng, ("Where is it?", "And where is it?")), scene.position(scene.objects[last])), last
+            qa, about = (pick(rng, ("Where is it?", "And where is it?")), scene.position(scene.objects[last])), last
             kind = "follow_up"
         else:
             kind = names[int(rng.choice(len(names), p=weights))]
@@ -356,7 +380,7 @@ def instructions(
             last = None  # a follow-up must come right after the round it refers to
             continue
         seen.add(qa[0])
-        ctx.add(qa, about, follow_up=follow)
+        ctx.add(qa, kind, about)
         out.append(qa)
         last = about if kind in ("colour", "shape") else None
     return out

@@ -27,8 +27,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import InputError
-from .language import POSITION_PHRASES, _pick
-from .scene import COLOURS, POSITIONS, SHAPES, SIZES, Obj, RngLike, Scene, as_rng, sample_scene
+from .language import POSITION_PHRASES
+from .scene import COLOURS, POSITIONS, SHAPES, SIZES, RngLike, Scene, as_rng, pick, sample_scene
 
 REPORT_LABELS = ("none", "insert", "remove", "substitute")
 CORRUPTIONS = REPORT_LABELS[1:]
@@ -75,7 +75,7 @@ def report(scene: Scene, rng: RngLike = None, corrupt: str | None = None) -> tup
         free = [c for c in range(len(POSITIONS)) if c not in {r[0] for r in rows}]
         if not free:
             raise InputError("cannot insert a statement: every grid cell already holds an object")
-        rows.append((_pick(rng, free), _pick(rng, SIZES), _pick(rng, COLOURS), _pick(rng, SHAPES)))
+        rows.append((pick(rng, free), pick(rng, SIZES), pick(rng, COLOURS), pick(rng, SHAPES)))
     elif corrupt == "remove":
         if len(rows) < 2:
             raise InputError("cannot remove a statement from a one-object scene (the report would be empty)")
@@ -84,11 +84,11 @@ def report(scene: Scene, rng: RngLike = None, corrupt: str | None = None) -> tup
         i = int(rng.integers(len(rows)))
         cell, size, colour, shape = rows[i]
         if rng.random() < 0.5:
-            colour = _pick(rng, [c for c in COLOURS if c != colour])
+            colour = pick(rng, [c for c in COLOURS if c != colour])
         else:
-            shape = _pick(rng, [s for s in SHAPES if s != shape])
+            shape = pick(rng, [s for s in SHAPES if s != shape])
         rows[i] = (cell, size, colour, shape)
-    template = _pick(rng, STATEMENT_TEMPLATES)
+    template = pick(rng, STATEMENT_TEMPLATES)
     rows.sort(key=lambda r: r[0])
     text = " ".join(_statement(template, size, colour, shape, POSITIONS[cell]) for cell, size, colour, shape in rows)
     return text, corrupt or "none"
@@ -98,7 +98,7 @@ def report_question(text: str, level: str, rng: RngLike = None) -> str:
     """The SIMPLE (yes/no) or COMPLEX (error kind) question about report `text`."""
     rng = as_rng(rng)
     if level == "simple":
-        head = _pick(rng, SIMPLE_TEMPLATES)
+        head = pick(rng, SIMPLE_TEMPLATES)
     elif level == "complex":
         head = COMPLEX_TEMPLATE
     else:

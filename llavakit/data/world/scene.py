@@ -43,7 +43,7 @@ WORDS = ("cat", "dog", "sun", "car", "box", "hat", "cup", "key", "map", "pen", "
 SPLITS = ("train", "eval")
 
 REFERENCE = 224  # px: the canvas the geometry below is expressed in
-_RADIUS = {"small": (15.0, 18.0), "large": (27.0, 31.5)}  # half-extent, reference px
+RADIUS = {"small": (15.0, 18.0), "large": (27.0, 31.5)}  # half-extent, reference px
 _CELL_MARGIN = 0.12  # fraction of a cell kept free around a centre's cell borders
 _EDGE = 2.0  # reference px kept free along the canvas border
 _GAP = 4.0  # reference px between two objects' boxes
@@ -66,6 +66,11 @@ def as_rng(rng: RngLike) -> np.random.Generator:
     if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool) and rng >= 0:
         return np.random.default_rng(int(rng))
     raise InputError(f"rng must be a numpy Generator or a non-negative int seed, got {rng!r}")
+
+
+def pick(rng: np.random.Generator, options: Sequence):
+    """One element of `options`, uniformly (an index draw, so strings stay Python strings)."""
+    return options[int(rng.integers(len(options)))]
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,7 @@ def boxes_overlap(a, b, gap: float) -> bool:
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
-def _n_range(n_objects) -> tuple[int, int]:
+def count_range(n_objects) -> tuple[int, int]:
     if isinstance(n_objects, (int, np.integer)) and not isinstance(n_objects, bool):
         lo = hi = int(n_objects)
     else:
@@ -171,7 +176,7 @@ def place_object(
 ) -> Obj | None:
     """Draw a radius and a centre inside `cell` so the object overlaps none of `placed` and none of the
     `blocked` boxes (canvas px); None on failure."""
-    r = int(round(unit * rng.uniform(*_RADIUS[size])))
+    r = int(round(unit * rng.uniform(*RADIUS[size])))
     font_px = FONT_PX * unit
     probe = Obj(shape, colour, size, 0, 0, r, word)
     left, top, right, bottom = probe.box(font_px)  # extents around the centre (0, 0)
@@ -223,7 +228,7 @@ def sample_scene(
     canvas = int(canvas)
     if split is not None and split not in SPLITS:
         raise InputError(f"split must be one of {SPLITS} or None, got {split!r}")
-    lo, hi = _n_range(n_objects)
+    lo, hi = count_range(n_objects)
     n = int(rng.integers(lo, hi + 1))
     unit = 1.0 if small else canvas / REFERENCE
     for _ in range(_MAX_TRIES):

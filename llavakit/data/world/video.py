@@ -23,20 +23,21 @@ import numpy as np
 from PIL import Image
 
 from ...errors import InputError
-from .language import QA, _pick
+from .language import QA
 from .render import render
 from .scene import (
     COLOURS,
     POSITIONS,
+    RADIUS,
     REFERENCE,
     SHAPES,
     SIZES,
     Obj,
     RngLike,
     Scene,
-    _n_range,
-    _RADIUS,
     as_rng,
+    count_range,
+    pick,
     place_object,
 )
 
@@ -92,7 +93,7 @@ def _attributes(rng: np.random.Generator) -> tuple[str, str, str]:
 def _mover(rng: np.random.Generator, canvas: int, unit: float) -> tuple[Track, tuple, str] | None:
     """The moving subject, the box its path sweeps, and its direction; None if it does not fit."""
     shape, colour, size = _attributes(rng)
-    r = int(round(unit * rng.uniform(*_RADIUS[size])))
+    r = int(round(unit * rng.uniform(*RADIUS[size])))
     direction = DIRECTIONS[int(rng.integers(len(DIRECTIONS)))]
     sx, sy = _STEP[direction]
     dist = int(round(canvas * rng.uniform(*_DISTANCE)))
@@ -124,7 +125,7 @@ def sample_clip(
         raise InputError(f"canvas must be an int >= 64 px, got {canvas!r}")
     if event is not None and event not in EVENTS:
         raise InputError(f"event must be one of {EVENTS} or None, got {event!r}")
-    lo, hi = _n_range(n_objects)
+    lo, hi = count_range(n_objects)
     event = event or EVENTS[int(rng.integers(2))]
     n = int(rng.integers(lo, hi + 1))
     unit = canvas / REFERENCE
@@ -171,16 +172,16 @@ def clip_questions(clip: Clip, rng: RngLike = None) -> list[QA]:
     first, last = clip.scene_at(0), clip.scene_at(clip.n_frames - 1)
     moved = clip.event == "move"
     qas: list[QA] = [
-        (_pick(rng, ("Did any shape move?", "Is any shape moving?")), "yes" if moved else "no"),
-        (_pick(rng, ("Did a new shape appear?", "Does a shape appear during the video?")), "no" if moved else "yes"),
+        (pick(rng, ("Did any shape move?", "Is any shape moving?")), "yes" if moved else "no"),
+        (pick(rng, ("Did a new shape appear?", "Does a shape appear during the video?")), "no" if moved else "yes"),
         ("How many shapes are there at the start of the video?", str(len(first.objects))),
         ("How many shapes are there at the end of the video?", str(len(last.objects))),
     ]
     if moved:
         qas.append((f"Which way did the {name} move?", clip.direction))
-        qas.append((_pick(rng, ("Which shape moved?", "Which object is moving?")), name))
+        qas.append((pick(rng, ("Which shape moved?", "Which object is moving?")), name))
     else:
-        qas.append((_pick(rng, ("Which shape appeared?", "Which object appeared?")), name))
+        qas.append((pick(rng, ("Which shape appeared?", "Which object appeared?")), name))
         qas.append((f"Where did the {name} appear?", last.position(sub)))
     return [qas[int(k)] for k in rng.permutation(len(qas))]
 

@@ -1,8 +1,10 @@
 """Prefill and per-token decode speed: llavakit's LlamaLM vs transformers' LlamaForCausalLM.
 
-Both models are built at SmolLM2-135M size (30 layers, width 576, 9 heads / 3 KV heads, vocab 49152,
-tied embeddings) from one random initialisation (our model loads the HF state_dict), so they compute
-the same function; the script checks that before timing.
+Same weights in both: the embedded default model's language model (SmolLM2-135M-Instruct: 30 layers,
+width 576, 9 heads / 3 KV heads, tied embeddings), copied into transformers' LlamaForCausalLM; the
+input is the default request: 256 image-token embeddings (the shipped sample image through the DINOv2
+tower and projector) followed by 30 text-token embeddings. `--random-init` uses a random model of
+the same size instead. The script checks both compute the same function before timing.
 
 What is timed (batch 1, no padding, torch.inference_mode, the process's default thread count):
   - prefill: `--prompt-len` input embeddings through the model into a fresh KV cache (ours:
@@ -13,8 +15,8 @@ What is timed (batch 1, no padding, torch.inference_mode, the process's default 
   Medians are the headline; minima are reported too (on a shared machine they show the undisturbed cost).
 Runs of the two implementations alternate so machine drift affects both alike.
 
-Usage (from the repo root, llavakit installed or on PYTHONPATH):
-    PYTHONPATH=. python benchmarks/forward_speed_lm.py --out results/forward_speed_lm.json
+Usage (from the repo root, llavakit installed):
+    python benchmarks/forward_speed.py --out docs/forward_speed.json
 """
 
 from __future__ import annotations
@@ -47,6 +49,30 @@ def build_models(dtype: torch.dtype):
     ours = build_lm(lm_config_from_hf(cfg.to_dict())).eval().to(dtype)
     ours.load_state_dict(hf.state_dict())
     return hf, ours
+
+
+def default_models_and_input(dtype: torch.dtype, text_tokens: int):
+    """The default model's LM in both implementations + 256 image embeddings and `text_tokens` text ones."""
+    import llavakit
+    from llavakit.models.lm.hf_config import lm_config_to_hf
+
+    vlm = llavakit.load("default")
+    ours = vlm.model.language_model.eval().to(dtype)
+    cfg = LlamaConfig(**lm_config_to_hf(ours.config))
+    cfg._attn_implementation = "sdpa"
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.load_state_dict(ours.state_dict())
+    hf = hf.to(dtype)
+    prompt = "What shape is in the image, and what colour is it? Answer with one short sentence please."
+    with torch.inference_mode():
+        inputs = vlm.processor(text=["<image>" + prompt], images=["llavakit/assets/sample.png"])
+        embeds = vlm.model.embed_inputs(inputs["input_ids"], inputs["pixel_values"])  # (1, 256 + n, D)
+        n_img = int((inputs["input_ids"] == vlm.config.image_token_id).sum())
+        first = int((inputs["input_ids"][0] == vlm.config.image_token_id).nonzero()[0])
+        img = embeds[:, first:first + n_img]
+        text = vlm.model.language_model.embed(inputs["input_ids"][:, first + n_img:])
+    text = text.repeat(1, text_tokens // text.shape[1] + 1, 1)[:, :text_tokens]
+    return hf, ours, torch.cat([img, text], dim=1).to(dtype)  # (1, 256 + text_tokens, D)
 
 
 # transformers 5.x renamed `past_key_values` to `cache` (the old name still works, with a warning).
@@ -98,16 +124,22 @@ def run_once(name, model, x, n_decode):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="path of the JSON result")
-    ap.add_argument("--prompt-len", type=int, default=286)
+    ap.add_argument("--prompt-len", type=int, default=286, help="with --random-init: input embeddings")
+    ap.add_argument("--text-tokens", type=int, default=30, help="default weights: text tokens after the image")
+    ap.add_argument("--random-init", action="store_true", help="random SmolLM2-size weights, random input")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
 
-    hf, ours = build_models(dtype)
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(1, args.prompt_len, SMOLLM2_135M["hidden_size"], generator=g) * 0.05).to(dtype)
+    if args.random_init:
+        hf, ours = build_models(dtype)
+        g = torch.Generator().manual_seed(0)
+        x = (torch.randn(1, args.prompt_len, SMOLLM2_135M["hidden_size"], generator=g) * 0.05).to(dtype)
+    else:
+        hf, ours, x = default_models_and_input(dtype, args.text_tokens)
+        args.prompt_len = x.shape[1]
 
     with torch.inference_mode():
         ref, _ = hf_prefill(hf, x)
@@ -138,7 +170,8 @@ def main() -> None:
     ratio_dec = summary["ours"]["decode_ms_per_token"] / summary["transformers"]["decode_ms_per_token"]
     same_tokens = results["ours"]["tokens"] == results["transformers"]["tokens"]
 
-    print(f"SmolLM2-135M size, {args.dtype}, batch 1, prompt {args.prompt_len} embeddings, "
+    weights = "random init" if args.random_init else "default model weights, 256 image + text embeddings"
+    print(f"SmolLM2-135M ({weights}), {args.dtype}, batch 1, prompt {args.prompt_len} embeddings, "
           f"{args.decode_tokens} decode steps x {args.reps} reps, torch threads {torch.get_num_threads()}")
     print(f"prefill last-logit max abs diff ours vs transformers: {max_diff:.2e}; "
           f"greedy tokens identical: {same_tokens}")
@@ -152,10 +185,11 @@ def main() -> None:
         print(f"{label:14s}{a:12.2f}{b:14.2f}{a / b:13.3f}")
 
     record = {
-        "benchmark": "forward_speed_lm",
-        "command": "python benchmarks/forward_speed_lm.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "model": {"size": "SmolLM2-135M (random init)", **SMOLLM2_135M},
+        "benchmark": "forward_speed",
+        "command": "python benchmarks/forward_speed.py " + " ".join(
+            f"--{k.replace('_', '-')}" if v is True else f"--{k.replace('_', '-')} {v}"
+            for k, v in vars(args).items() if v is not False and k != "prompt_len"),
+        "model": {"weights": weights, **SMOLLM2_135M},
         "dtype": args.dtype, "batch": 1, "prompt_len": args.prompt_len,
         "decode_tokens": args.decode_tokens, "reps": args.reps,
         "torch": torch.__version__, "transformers": transformers.__version__,

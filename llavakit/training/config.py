@@ -1,0 +1,135 @@
+"""Training configuration: frozen dataclasses read from YAML. No I/O besides `from_yaml`.
+
+Unknown keys are an `InputError` that names the key and lists the valid ones, at every level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import InputError
+
+DATA_KINDS = ("easyvqa", "world-caption", "world-instruction", "world-report", "llava-json")
+STAGES = ("align", "instruct")
+MODULES = ("vision_tower", "multi_modal_projector", "language_model")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One data source. `kind`: easyvqa (train split only), world-* (synthetic world), llava-json."""
+
+    kind: str
+    weight: float = 1.0
+    n: int | None = None  # samples (world: scenes to generate; easyvqa/llava-json: limit)
+    seed: int = 0
+    path: str | None = None  # llava-json file
+    image_root: str | None = None
+    questions_per_image: int = 8  # packing: questions sharing one image's tokens in one sequence
+
+    def __post_init__(self) -> None:
+        if self.kind not in DATA_KINDS:
+            raise InputError(f"unknown data kind {self.kind!r}; valid: {', '.join(DATA_KINDS)}")
+        if self.weight <= 0:
+            raise InputError(f"data weight must be > 0, got {self.weight}")
+        if self.kind == "llava-json" and not self.path:
+            raise InputError("a llava-json data source needs `path`")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One recipe run. `stage`: align (projector only) or instruct (projector + LoRA or full LM)."""
+
+    model: str = "default"
+    stage: str = "align"
+    out_dir: str = "runs/default"
+    init_from: str | None = None  # a previous run's out_dir whose trained weights start this one
+    data: tuple[DataSource, ...] = ()
+    steps: int = 1000
+    batch_size: int = 4  # packed sequences per optimizer micro-step
+    grad_accum: int = 1
+    lr: Mapping[str, float] = field(default_factory=lambda: {"multi_modal_projector": 2e-3})
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | constant | linear
+    min_lr_ratio: float = 0.1
+    train: tuple[str, ...] = ("multi_modal_projector",)  # modules trained in full
+    lora: LoraSpec | None = None  # LoRA on the language model (peft)
+    cache_features: bool = True  # frozen tower: compute features once, train on the cache
+    standardize_features: bool = True  # per-channel feature standardisation, folded into linear_1 on save
+    bf16: bool = True  # autocast the frozen LM to bfloat16 on CPU (AVX512-BF16)
+    max_length: int = 1024
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise InputError(f"unknown stage {self.stage!r}; valid: {', '.join(STAGES)}")
+        for m in (*self.train, *self.lr):
+            if m not in MODULES and m != "lora":
+                raise InputError(f"unknown module {m!r}; valid: {', '.join(MODULES)} (and 'lora' in lr)")
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.schedule not in ("cosine", "constant", "linear"):
+            raise InputError(f"unknown schedule {self.schedule!r}; valid: cosine, constant, linear")
+        if not self.data:
+            raise InputError("a training config needs at least one data source (`data:`)")
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "TrainConfig":
+        _check(cls, raw, "config")
+        kw = dict(raw)
+        kw["data"] = tuple(_build(DataSource, d, f"data[{i}]") for i, d in enumerate(raw.get("data") or ()))
+        if kw.get("lora") is not None:
+            lora = dict(kw["lora"])
+            _check(LoraSpec, lora, "lora")
+            if "targets" in lora:
+                lora["targets"] = tuple(lora["targets"])
+            kw["lora"] = LoraSpec(**lora)
+        if "train" in kw:
+            kw["train"] = tuple(kw["train"])
+        return cls(**kw)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"training config {p} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise InputError(f"{p} is not valid YAML: {e}") from None
+        if not isinstance(raw, Mapping):
+            raise InputError(f"{p} must hold a mapping of options")
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check(cls: type, raw: Any, where: str) -> None:
+    if not isinstance(raw, Mapping):
+        raise InputError(f"{where} must be a mapping")
+    valid = {f.name for f in fields(cls)}
+    for key in raw:
+        if key not in valid:
+            raise InputError(f"unknown key {key!r} in {where}; valid keys: {', '.join(sorted(valid))}")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    _check(cls, raw, where)
+    return cls(**raw)
