@@ -3,6 +3,7 @@
     llavakit generate --model default --image photo.png "What is in the image?"
     llavakit info --model default
     llavakit convert --model default --out ./my-llava-hf
+    llavakit eval --model default --tasks easyvqa,world-colour --limit 200 --shuffled-control
 """
 
 from __future__ import annotations
@@ -86,6 +87,39 @@ def cmd_convert(model: str, out: str, dtype: str | None) -> int:
     return 0
 
 
+def cmd_eval(model: str, tasks: str, limit: int | None, batch_size: int, max_new_tokens: int, seed: int,
+             shuffled_control: bool, out: str | None, compression: str | None, dtype: str | None,
+             progress: bool) -> int:
+    import time
+    from pathlib import Path
+
+    from . import load
+    from .eval.harness import evaluate, resolve_tasks
+    from .eval.report import markdown_table, write_report
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    resolved = resolve_tasks(names)  # unknown names fail here, before the model loads
+    vlm = load(model, dtype=dtype)
+    results = evaluate(vlm, resolved, limit=limit, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                       shuffled_control=shuffled_control, compression=compression, progress=progress)
+    if out is None:
+        name = Path(str(model).rstrip("/\\")).name or "model"
+        out = str(Path("eval_out") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    paths = write_report(results, out)
+    print(markdown_table(results))
+    print(f"\nwrote {paths['json']}, {paths['markdown'].name}, {paths['plot'].name}, {paths['predictions'].name}")
+    return 0
+
+
+def cmd_train(config: str, resume: bool, steps: int | None, out_dir: str | None) -> int:
+    from .training.trainer import train
+
+    overrides = {k: v for k, v in (("steps", steps), ("out_dir", out_dir)) if v is not None}
+    out = train(config, resume=resume, overrides=overrides)
+    print(f"trained weights: {out / 'trained.safetensors'}  (loss log: {out / 'loss.jsonl'}, plot: {out / 'loss.png'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llavakit", description="LLaVA-family models: run, inspect, convert.")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -121,6 +155,38 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--dtype", default=None)
     c.set_defaults(fn=lambda a: cmd_convert(a.model, a.out, a.dtype))
+
+    t = sub.add_parser("train", help="run a training recipe (YAML config)",
+                       description="Run a training recipe: `llavakit train recipes/default-instruct.yaml`. "
+                                   "Multi-process: torchrun --nproc_per_node=N -m llavakit.cli train CONFIG.")
+    t.add_argument("config", help="YAML recipe (see recipes/)")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in out_dir")
+    t.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
+    t.add_argument("--out-dir", default=None, help="override the recipe's out_dir")
+    t.set_defaults(fn=lambda a: cmd_train(a.config, a.resume, a.steps, a.out_dir))
+
+    e = sub.add_parser("eval", help="evaluate on benchmark tasks (accuracy, baselines, cost, speed)",
+                       description="Evaluate a model on registered tasks; write results.json, report.md and "
+                                   "accuracy.png, and print the summary table.")
+    e.add_argument("--model", default="default", help="'default', a local HF-format directory, or a hub id")
+    e.add_argument("--tasks", required=True,
+                   help="comma-separated task names: easyvqa, world-colour, world-shape, world-count, "
+                        "world-position, world-read, world-multiround, world-report-simple, world-report-complex")
+    e.add_argument("--limit", type=int, default=None,
+                   help="items per task (default: the task's own size: all 9,673 easy-vqa test questions, "
+                        "360 world items)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-new-tokens", type=int, default=10, help="greedy answer length cap")
+    e.add_argument("--seed", type=int, default=0, help="item order / world scenes / shuffled-control pairing")
+    e.add_argument("--shuffled-control", action="store_true",
+                   help="also score every question on another item's image (is the model seeing or guessing?)")
+    e.add_argument("--out", default=None, help="output directory (default ./eval_out/<model-name>-<timestamp>)")
+    e.add_argument("--compression", default=None,
+                   help="visual-token compression spec (reserved: errors until the model supports it)")
+    e.add_argument("--dtype", default=None)
+    e.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
+    e.set_defaults(fn=lambda a: cmd_eval(a.model, a.tasks, a.limit, a.batch_size, a.max_new_tokens, a.seed,
+                                         a.shuffled_control, a.out, a.compression, a.dtype, a.progress))
     return p
 
 

@@ -51,61 +51,26 @@ IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 LOSS_ON = ("assistant", "last")
 
 
-class SupervisedDataset(Dataset):
-    """Samples -> model tensors with loss on assistant tokens only.
+class TurnLabeler:
+    """Labels a tokenised conversation: the tokens of its assistant turns, -100 elsewhere."""
 
-    Args:
-        samples: the conversations (see `llavakit.data.conversation`).
-        processor: the model's `Processor` (`vlm.processor`); it must have a tokenizer.
-        max_length: the longest sequence kept (tokens, image tokens included).
-        loss_on: "assistant" (every assistant turn, default) or "last" (only the final assistant turn).
-    """
-
-    def __init__(self, samples: Sequence[Sample], processor: Any, *, max_length: int = 2048,
-                 loss_on: str = "assistant") -> None:
-        if not len(samples):
-            raise InputError("SupervisedDataset: empty dataset (no samples)")
-        bad = next((s for s in samples if not isinstance(s, Sample)), None)
-        if bad is not None:
-            raise InputError(f"SupervisedDataset takes Sample objects, got {type(bad).__name__}")
+    def __init__(self, processor: Any, loss_on: str = "assistant") -> None:
         if loss_on not in LOSS_ON:
             raise InputError(f"loss_on={loss_on!r} is not supported; valid: {', '.join(LOSS_ON)}")
-        if not isinstance(max_length, int) or max_length <= 0:
-            raise InputError(f"max_length must be a positive int, got {max_length!r}")
-        self.samples = samples
         self.processor = processor
-        self.max_length = max_length
         self.loss_on = loss_on
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.encode(self.samples[i])
-
-    # ------------------------------------------------------------------ encoding
-    def encode(self, sample: Sample) -> dict[str, Any]:
-        """Tensors for one sample (see the module docstring); raises InputError naming the sample."""
-        who = f"sample {sample.id!r}"
-        if sample.videos:
-            raise InputError(f"{who}: video samples are not supported by SupervisedDataset yet")
+    def label_tokens(self, turns: Sequence[tuple[str, str]], ids: list[int], n_media: int, who: str) -> list[int]:
+        """Labels for `ids` (the full conversation's tokens): every assistant turn's tokens, -100 elsewhere."""
         proc = self.processor
-        messages = [{"role": r, "content": t} for r, t in sample.turns]
+        messages = [{"role": r, "content": t} for r, t in turns]
         full_text = proc.apply_chat_template(messages, add_generation_prompt=False)
-        try:
-            pil = proc.load_images(sample.images)
-            enc = proc(text=full_text, images=pil or None)
-        except InputError as e:
-            raise InputError(f"{who}: {e}") from None
-        ids = enc["input_ids"][0].tolist()  # (T,)
         # Prefixes are tokenised with one token per image ("compact" ids, no image preprocessing) and
         # their lengths mapped onto the processor's ids, so the processor alone decides image-token counts.
-        n_media = len(pil)
         compact = _tokenize(proc, full_text, [1] * n_media)
         to_full = _position_map(compact, ids, proc.image_token_id if n_media else None, who)
-
         labels = [IGNORE_INDEX] * len(ids)
-        targets = [k for k, (r, _) in enumerate(sample.turns) if r == "assistant"]
+        targets = [k for k, (r, _) in enumerate(turns) if r == "assistant"]
         if self.loss_on == "last":
             targets = targets[-1:]
         for k in targets:
@@ -114,28 +79,7 @@ class SupervisedDataset(Dataset):
             if end <= start:
                 raise InputError(f"{who}: assistant turn {k} adds no tokens under this chat template")
             labels[start:end] = ids[start:end]
-
-        n_image = sum(t == proc.image_token_id for t in ids) if pil else 0
-        if len(ids) > self.max_length:
-            cut = ids[self.max_length:]
-            if pil and proc.image_token_id in cut:
-                raise InputError(f"{who}: {len(ids)} tokens > max_length={self.max_length}, and truncation "
-                                 f"would cut image tokens; raise max_length or drop the sample")
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
-            if all(x == IGNORE_INDEX for x in labels):
-                raise InputError(f"{who}: {len(enc['input_ids'][0])} tokens > max_length={self.max_length}, "
-                                 "and truncation leaves no assistant token to learn; raise max_length or "
-                                 "drop the sample")
-        item: dict[str, Any] = {
-            "id": sample.id,
-            "input_ids": torch.tensor(ids, dtype=torch.long),  # (T,)
-            "labels": torch.tensor(labels, dtype=torch.long),  # (T,)
-            "n_image_tokens": n_image,
-        }
-        if pil:
-            item["pixel_values"] = enc["pixel_values"]  # (N, 3, H, W) or anyres (N, P, 3, S, S)
-            item["image_sizes"] = torch.tensor([(im.height, im.width) for im in pil], dtype=torch.long)  # (N, 2)
-        return item
+        return labels
 
     def _prefix_len(self, messages: list[dict[str, str]], gen_prompt: bool, full_text: str, compact: list[int],
                     who: str, turn: int) -> int:
@@ -165,10 +109,82 @@ class SupervisedDataset(Dataset):
         return len(prefix)
 
 
+
+
+class SupervisedDataset(Dataset):
+    """Samples -> model tensors with loss on assistant tokens only.
+
+    Args:
+        samples: the conversations (see `llavakit.data.conversation`).
+        processor: the model's `Processor` (`vlm.processor`); it must have a tokenizer.
+        max_length: the longest sequence kept (tokens, image tokens included).
+        loss_on: "assistant" (every assistant turn, default) or "last" (only the final assistant turn).
+    """
+
+    def __init__(self, samples: Sequence[Sample], processor: Any, *, max_length: int = 2048,
+                 loss_on: str = "assistant") -> None:
+        if not len(samples):
+            raise InputError("SupervisedDataset: empty dataset (no samples)")
+        bad = next((s for s in samples if not isinstance(s, Sample)), None)
+        if bad is not None:
+            raise InputError(f"SupervisedDataset takes Sample objects, got {type(bad).__name__}")
+        self.labeler = TurnLabeler(processor, loss_on)
+        if not isinstance(max_length, int) or max_length <= 0:
+            raise InputError(f"max_length must be a positive int, got {max_length!r}")
+        self.samples = samples
+        self.processor = processor
+        self.max_length = max_length
+        self.loss_on = loss_on
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.encode(self.samples[i])
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, sample: Sample) -> dict[str, Any]:
+        """Tensors for one sample (see the module docstring); raises InputError naming the sample."""
+        who = f"sample {sample.id!r}"
+        if sample.videos:
+            raise InputError(f"{who}: video samples are not supported by SupervisedDataset yet")
+        proc = self.processor
+        messages = [{"role": r, "content": t} for r, t in sample.turns]
+        full_text = proc.apply_chat_template(messages, add_generation_prompt=False)
+        try:
+            pil = proc.load_images(sample.images)
+            enc = proc(text=full_text, images=pil or None)
+        except InputError as e:
+            raise InputError(f"{who}: {e}") from None
+        ids = enc["input_ids"][0].tolist()  # (T,)
+        labels = self.labeler.label_tokens(sample.turns, ids, len(pil), who)
+
+        n_image = sum(t == proc.image_token_id for t in ids) if pil else 0
+        if len(ids) > self.max_length:
+            cut = ids[self.max_length:]
+            if pil and proc.image_token_id in cut:
+                raise InputError(f"{who}: {len(ids)} tokens > max_length={self.max_length}, and truncation "
+                                 f"would cut image tokens; raise max_length or drop the sample")
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+            if all(x == IGNORE_INDEX for x in labels):
+                raise InputError(f"{who}: {len(enc['input_ids'][0])} tokens > max_length={self.max_length}, "
+                                 "and truncation leaves no assistant token to learn; raise max_length or "
+                                 "drop the sample")
+        item: dict[str, Any] = {
+            "id": sample.id,
+            "input_ids": torch.tensor(ids, dtype=torch.long),  # (T,)
+            "labels": torch.tensor(labels, dtype=torch.long),  # (T,)
+            "n_image_tokens": n_image,
+        }
+        if pil:
+            item["pixel_values"] = enc["pixel_values"]  # (N, 3, H, W) or anyres (N, P, 3, S, S)
+            item["image_sizes"] = torch.tensor([(im.height, im.width) for im in pil], dtype=torch.long)  # (N, 2)
+        return item
+
 def _tokenize(processor: Any, text: str, counts: list[int]) -> list[int]:
     """Ids of `text` with its `<image>` tags expanded to `counts` tokens (the processor's own expansion,
     without preprocessing any image)."""
-    return processor._tokenize([text], counts)[0]
+    return processor.tokenize([text], counts)[0]
 
 
 def _position_map(compact: list[int], full: list[int], image_id: int | None, who: str) -> list[int]:

@@ -103,11 +103,12 @@ class Processor:
                 out["pixel_values"] = preprocess(pil, self.image_config)  # (N, 3, H, W)
                 view = tuple(int(x) for x in out["pixel_values"].shape[-2:])
                 counts = [int(self.count_tokens(view))] * len(pil)
-        ids = self._tokenize(texts, counts)
+        ids = self.tokenize(texts, counts)
         out.update(_pad(ids, self._pad_id(), padding_side))
         return out
 
-    def _tokenize(self, texts: list[str], counts: list[int]) -> list[list[int]]:
+    def tokenize(self, texts: list[str], counts: list[int]) -> list[list[int]]:
+        """Token ids of `texts`, each <image> tag expanded into the next of `counts` image tokens."""
         tok = self.tokenizer
         image_str = None
         if counts:

@@ -31,7 +31,8 @@ What one task's run does, and how each reported number is defined:
   time to first token of a batch of `batch_size`), averaged over batches. `decode_s_per_token` =
   (last token stamp - first token stamp) / (decode steps), summed over batches before dividing; a decode
   step produces one token for every unfinished row. `questions_per_s` = requests / total `chat_batch`
-  time. The first batch includes any warm-up cost. A VLM whose chat_batch never calls `on_token` gets
+  time. Before the first task, one untimed batch of its requests (2 new tokens) warms the model up
+  (`warmup=False` skips it). A VLM whose chat_batch never calls `on_token` gets
   None for both timings and new tokens counted by re-tokenising its answers.
 - `compression`: passed to `chat_batch(compression=...)` (and to `cost`) when they take such a keyword;
   otherwise `InputError("compression is not available yet ...")`.
@@ -126,7 +127,7 @@ class EvalResults:
 def evaluate(vlm: Any, tasks: Sequence[str | Task], *, limit: int | None = None, seed: int = 0,
              batch_size: int = DEFAULT_BATCH_SIZE, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
              shuffled_control: bool = False, compression: str | None = None,
-             progress: bool = True) -> EvalResults:
+             progress: bool = True, warmup: bool = True) -> EvalResults:
     """Evaluate `vlm` on `tasks` (registered names or Task objects); see the module docstring."""
     _check_int("batch_size", batch_size, 1)
     _check_int("max_new_tokens", max_new_tokens, 1)
@@ -137,14 +138,15 @@ def evaluate(vlm: Any, tasks: Sequence[str | Task], *, limit: int | None = None,
     gen, cost_kw = _generation_kwargs(vlm, max_new_tokens, compression)
     rows: list[TaskResult] = []
     predictions: list[Mapping[str, Any]] = []
-    for task in resolved:
+    for i, task in enumerate(resolved):
         row, preds = _evaluate_task(vlm, task, limit=limit, seed=seed, batch_size=batch_size, gen=gen,
-                                    cost_kw=cost_kw, shuffled_control=shuffled_control, progress=progress)
+                                    cost_kw=cost_kw, shuffled_control=shuffled_control, progress=progress,
+                                    warmup=warmup and i == 0)
         rows.append(row)
         predictions.extend(preds)
     settings = {"tasks": [t.name for t in resolved], "limit": limit, "seed": seed, "batch_size": batch_size,
                 "max_new_tokens": max_new_tokens, "greedy": True, "shuffled_control": shuffled_control,
-                "compression": compression, **_runtime(vlm)}
+                "compression": compression, "warmup": warmup, **_runtime(vlm)}
     return EvalResults(model=str(getattr(vlm, "source", "") or "model"),
                        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        settings=settings, rows=tuple(rows), predictions=tuple(predictions))
@@ -345,8 +347,8 @@ def _count_prompt(vlm: Any, prompts: Sequence[Any], imgs: Sequence[list[Any]]) -
 
 
 def _evaluate_task(vlm: Any, task: Task, *, limit: int | None, seed: int, batch_size: int, gen: Mapping[str, Any],
-                   cost_kw: Mapping[str, Any], shuffled_control: bool,
-                   progress: bool) -> tuple[TaskResult, list[dict[str, Any]]]:
+                   cost_kw: Mapping[str, Any], shuffled_control: bool, progress: bool,
+                   warmup: bool) -> tuple[TaskResult, list[dict[str, Any]]]:
     from tqdm.auto import tqdm
 
     items = task.items(limit, seed)
@@ -359,6 +361,10 @@ def _evaluate_task(vlm: Any, task: Task, *, limit: int | None, seed: int, batch_
         notes.append("shuffled control skipped: fewer than 2 items or no way to give every item another image")
     total = len(requests) * (2 if src is not None else 1)
     stats: list[tuple[int, int, list]] = []
+    if warmup:  # one untimed batch, so first-call costs (allocator, kernels, decoders) miss the timings
+        first = requests[:batch_size]
+        vlm.chat_batch([r.prompt for r in first], [list(items[r.item].images) for r in first],
+                       **{**gen, "max_new_tokens": min(2, int(gen["max_new_tokens"]))})
     with tqdm(total=total, desc=task.name, unit="q", disable=not progress, file=sys.stderr) as bar:
         real = _run_pass(vlm, requests, [items[r.item].images for r in requests], batch_size, gen, bar, stats)
         shuf = None

@@ -67,8 +67,6 @@ class TrainConfig:
     lora: LoraSpec | None = None  # LoRA on the language model (peft)
     cache_features: bool = True  # frozen tower: compute features once, train on the cache
     standardize_features: bool = True  # per-channel feature standardisation, folded into linear_1 on save
-    bf16: bool = True  # autocast the frozen LM to bfloat16 on CPU (AVX512-BF16)
-    max_length: int = 1024
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0

@@ -17,7 +17,7 @@ def model_dir(tmp_path_factory):
     return build("llava", tmp_path_factory.mktemp("cli-llava"))
 
 
-@pytest.mark.parametrize("verb", ["generate", "info", "convert"])
+@pytest.mark.parametrize("verb", ["generate", "info", "convert", "eval"])
 def test_help_on_every_verb(verb, capsys):
     with pytest.raises(SystemExit) as e:
         main([verb, "--help"])
@@ -27,7 +27,7 @@ def test_help_on_every_verb(verb, capsys):
 
 def test_every_verb_is_tested():
     sub = next(a for a in build_parser()._actions if a.dest == "verb")
-    assert set(sub.choices) == {"generate", "info", "convert"}
+    assert set(sub.choices) == {"generate", "info", "convert", "eval"}
 
 
 def test_info_json(model_dir, capsys):
@@ -58,3 +58,23 @@ def test_bad_input_exits_2_with_message(model_dir, tmp_path, capsys):
     bad.write_text("hello")
     assert main(["generate", "--model", str(model_dir), "--image", str(bad), "what"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_eval_tiny_run(model_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(model_dir), "--tasks", "easyvqa,world-colour", "--limit", "2",
+                 "--batch-size", "2", "--shuffled-control", "--out", str(out), "--no-progress"]) == 0
+    stdout = capsys.readouterr().out
+    assert "| task | n | acc % |" in stdout and "| easyvqa | 2 |" in stdout and "| world-colour | 2 |" in stdout
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["task"] for r in rows] == ["easyvqa", "world-colour"]
+    assert all(r["n"] == 2 and r["visual_tokens"] == 16 and r["accuracy_shuffled"] is not None for r in rows)
+    assert (out / "report.md").is_file() and (out / "accuracy.png").is_file()
+
+
+def test_eval_bad_task_and_compression(model_dir, tmp_path, capsys):
+    assert main(["eval", "--model", str(model_dir), "--tasks", "easyvqa,nope", "--out", str(tmp_path)]) == 2
+    assert "valid names" in capsys.readouterr().err
+    assert main(["eval", "--model", str(model_dir), "--tasks", "world-colour", "--limit", "1",
+                 "--compression", "fastv:0.5", "--out", str(tmp_path)]) == 2
+    assert "compression is not available yet" in capsys.readouterr().err

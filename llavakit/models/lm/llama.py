@@ -165,6 +165,11 @@ class LlamaLM(nn.Module):
     def _mask(self, attention_mask: Tensor | None, b: int, t: int, past: int,
               device: torch.device) -> tuple[Tensor | None, bool]:
         """(bool mask (B, 1, T, S) or None, is_causal) for T new queries after `past` cached keys."""
+        if attention_mask is not None and attention_mask.dim() == 4:  # a ready bool mask (B, 1, T, S)
+            if attention_mask.shape[-2:] != (t, past + t) or attention_mask.dtype != torch.bool:
+                raise InputError(f"a 4-D attention_mask must be bool (batch, 1, {t}, {past + t}), "
+                                 f"got {tuple(attention_mask.shape)} {attention_mask.dtype}")
+            return attention_mask, False
         if attention_mask is not None:
             if attention_mask.shape != (b, past + t):
                 raise InputError(f"attention_mask must be (batch, cached + new) = {(b, past + t)}, "
@@ -179,8 +184,9 @@ class LlamaLM(nn.Module):
 
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """inputs_embeds (B, T, D); attention_mask (B, S) 0/1 over cached + new keys, or None (no padding);
-        position_ids (B, T) or None. Appends this step's keys/values to `cache`. Returns hidden (B, T, D)."""
+        """inputs_embeds (B, T, D); attention_mask (B, S) 0/1 over cached + new keys, or None (no padding),
+        or a ready bool mask (B, 1, T, S) (e.g. block masks of packed training sequences; then pass
+        position_ids); position_ids (B, T) or None. Appends this step's keys/values to `cache`. Returns hidden (B, T, D)."""
         b, t, _ = inputs_embeds.shape
         past = cache.seq_len() if cache is not None else 0
         if position_ids is None:

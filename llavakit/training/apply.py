@@ -1,0 +1,44 @@
+"""Apply trained weights (a run's `trained.safetensors`) to a loaded model, without peft.
+
+The file holds the projector (feature standardisation already folded into `linear_1`), LoRA tensors
+under `lora.<lm-relative name>.lora_A/B.weight` and the LoRA spec in its metadata. LoRA is merged as
+W += (alpha / r) * B @ A, so the result is a plain model that exports as an ordinary HF checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+
+
+def apply_trained(model: torch.nn.Module, path: str | Path) -> dict:
+    """Load projector + merged LoRA from `path` into `model` (a LlavaModel); returns the file's metadata."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"trained weights {path} do not exist")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    proj = {k[len("multi_modal_projector."):]: v for k, v in state.items() if k.startswith("multi_modal_projector.")}
+    lm = model.language_model
+    with torch.no_grad():
+        model.multi_modal_projector.load_state_dict(proj)
+        spec = json.loads(meta.get("lora") or "null")
+        lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
+        if lora and not spec:
+            raise CheckpointError(f"{path} has LoRA tensors but no LoRA spec in its metadata")
+        params = dict(lm.named_parameters())
+        for a_key in [k for k in lora if k.endswith(".lora_A.weight")]:
+            base = a_key[: -len(".lora_A.weight")]
+            name = base.replace(".lora_A", "") + ".weight"
+            if name not in params:
+                raise CheckpointError(f"{path}: LoRA for {base} but the model has no {name}")
+            a, b = lora[a_key], lora[base + ".lora_B.weight"]  # (r, in), (out, r)
+            params[name].add_((b.float() @ a.float()).to(params[name].dtype), alpha=spec["alpha"] / spec["r"])
+    return meta

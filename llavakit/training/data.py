@@ -1,0 +1,168 @@
+"""Training data as image groups: one image and the conversations about it (packed later).
+
+Sources (`DataSource.kind`):
+- easyvqa: the easy-vqa train split (never test), questions grouped by image, `questions_per_image`
+  independent single-round blocks per group.
+- world-instruction: synthetic-world scenes, each with a caption block and three multi-round
+  instruction blocks (yes/no balanced by construction in the world generator).
+- world-report: report error-checking (radiology protocol): per scene, SIMPLE blocks for a correct and
+  a corrupted report (balanced yes/no) and COMPLEX blocks for all four labels (balanced).
+- world-caption: one caption block per scene.
+- llava-json: a LLaVA conversation JSON file, one group per sample.
+Our choices: the block layout above, so every image's features are reused by several targets.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from .config import DataSource
+
+Rounds = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class ImageGroup:
+    key: str  # unique, stable: the feature-cache key
+    load: Callable[[], Any]  # -> PIL image (lazy)
+    blocks: tuple[Rounds, ...]
+
+
+def build_groups(src: DataSource) -> list[ImageGroup]:
+    builders = {"easyvqa": _easyvqa, "world-instruction": _world_instruction, "world-report": _world_report,
+                "world-caption": _world_caption, "llava-json": _llava_json}
+    groups = builders[src.kind](src)
+    if src.kind == "llava-json":
+        return groups
+    return [ImageGroup(g.key, g.load, tuple(tuple((with_instruction(q, a), a) for q, a in b) for b in g.blocks))
+            for g in groups]
+
+
+def with_instruction(question: str, answer: str) -> str:
+    """Short answers get the answer-format instruction the eval tasks append (llavakit.eval.tasks),
+    as LLaVA-1.5 appends "Answer the question using a single word or phrase." to its short-answer data."""
+    from ..eval import answer_suffix
+
+    words = answer.split()
+    if len(words) > 2:
+        return question
+    if answer.isdigit():
+        return answer_suffix(question, "Answer with a number.")
+    if len(words) == 2 or zlib.crc32(question.encode()) % 2:  # one-word answers see both phrasings
+        return answer_suffix(question, "Answer with one or two words.")
+    return answer_suffix(question, "Answer with one word.")
+
+
+def _easyvqa(src: DataSource) -> list[ImageGroup]:
+    from PIL import Image
+
+    from ..data.easyvqa import easyvqa_samples
+
+    samples = easyvqa_samples("train", seed=src.seed, pack_per_image=True)
+    rng = np.random.default_rng(src.seed)
+    groups = []
+    for s in samples:
+        qa = [(q, a) for (rq, q), (ra, a) in zip(s.turns[0::2], s.turns[1::2])]
+        qa = [(q.replace("<image>", "").strip(), a) for q, a in qa]
+        order = rng.permutation(len(qa))
+        qa = [qa[i] for i in order]
+        path = str(s.images[0])
+        for c in range(0, len(qa), src.questions_per_image):
+            chunk = tuple(((q, a),) for q, a in qa[c:c + src.questions_per_image])
+            groups.append(ImageGroup(f"easyvqa-train:{os.path.basename(path)}", lambda p=path: Image.open(p).convert("RGB"), chunk))
+    return groups[: src.n] if src.n else groups
+
+
+def _world_scene(i: int, seed: int, words: bool):
+    from ..data.world import TRAIN_SEED_BASE, sample_scene
+
+    rng = np.random.default_rng([TRAIN_SEED_BASE, 1000 + seed, i])
+    return rng, sample_scene(rng, canvas=224, n_objects=(1, 4), words=words, split="train")
+
+
+def _render(scene):
+    from ..data.world import render
+    return render(scene)
+
+
+def _world_instruction(src: DataSource) -> list[ImageGroup]:
+    from ..data.world import caption, instructions
+
+    out = []
+    for i in range(src.n or 1000):
+        rng, scene = _world_scene(i, src.seed, words=bool(i % 10 < 3))
+        blocks = [(("Describe the image briefly.", caption(scene, rng)),)]
+        for _ in range(3):
+            rounds = tuple(instructions(scene, rng, int(rng.integers(1, 5))))
+            if rounds:
+                blocks.append(rounds)
+        out.append(ImageGroup(f"world-instruction:{src.seed}:{i}", lambda s=scene: _render(s), tuple(blocks)))
+    return out
+
+
+def _world_caption(src: DataSource) -> list[ImageGroup]:
+    from ..data.world import caption
+
+    out = []
+    for i in range(src.n or 1000):
+        rng, scene = _world_scene(i, src.seed + 7919, words=bool(i % 10 < 3))
+        out.append(ImageGroup(f"world-caption:{src.seed}:{i}", lambda s=scene: _render(s),
+                              ((("Describe the image briefly.", caption(scene, rng)),),)))
+    return out
+
+
+def _world_report(src: DataSource) -> list[ImageGroup]:
+    from ..data.world.report import report, report_answer, report_question
+
+    out = []
+    for i in range(src.n or 1000):
+        rng, scene = _world_scene(i, src.seed + 104729, words=False)
+        if not 2 <= len(scene.objects) <= 8:
+            continue
+        blocks = []
+        wrong = ("insert", "remove", "substitute")[int(rng.integers(3))]
+        for label, level in (("none", "simple"), (wrong, "simple"), ("none", "complex"), ("insert", "complex"),
+                             ("remove", "complex"), ("substitute", "complex")):
+            text, lab = report(scene, rng, None if label == "none" else label)
+            blocks.append(((report_question(text, level, rng), report_answer(lab, level)),))
+        out.append(ImageGroup(f"world-report:{src.seed}:{i}", lambda s=scene: _render(s), tuple(blocks)))
+    return out
+
+
+def _llava_json(src: DataSource) -> list[ImageGroup]:
+    from ..data.conversation import read_llava_json
+    from ..data.images import load_image
+
+    out = []
+    for s in read_llava_json(src.path, src.image_root):
+        if len(s.images) != 1:
+            raise InputError(f"{src.path}: sample {s.id!r} has {len(s.images)} images; packed training "
+                             f"takes exactly one image per sample")
+        turns = [(r, t) for r, t in s.turns if r != "system"]
+        rounds = tuple((q.replace("<image>", "").strip(), a) for (_, q), (_, a) in zip(turns[0::2], turns[1::2]))
+        img = s.images[0]
+        out.append(ImageGroup(f"llava-json:{img}", lambda p=img: load_image(p), (rounds,)))
+    return out[: src.n] if src.n else out
+
+
+def mix(groups_per_source: Sequence[tuple[list[ImageGroup], float]], steps_groups: int, seed: int) -> list[int]:
+    """Deterministic order of (source, index) draws by weight: returns flat indices into the concatenation."""
+    offsets = np.cumsum([0] + [len(g) for g, _ in groups_per_source])
+    weights = np.array([w for _, w in groups_per_source], dtype=float)
+    weights /= weights.sum()
+    rng = np.random.default_rng(seed)
+    perms = [list(rng.permutation(len(g))) for g, _ in groups_per_source]
+    cursors = [0] * len(perms)
+    order = []
+    for src in rng.choice(len(perms), size=steps_groups, p=weights):
+        if cursors[src] == len(perms[src]):
+            perms[src], cursors[src] = list(rng.permutation(len(perms[src]))), 0
+        order.append(int(offsets[src] + perms[src][cursors[src]]))
+        cursors[src] += 1
+    return order

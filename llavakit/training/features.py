@@ -1,0 +1,76 @@
+"""Vision-feature cache for frozen towers: each image goes through the tower once per run directory.
+
+Features are the tower output after feature-layer selection (what the projector consumes), stored
+in fp16 safetensors shards `features-XXXX.safetensors` with a JSON index mapping image key -> row.
+Shards are written atomically (temp + rename), so an interrupted caching run resumes where it left off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .data import ImageGroup
+
+SHARD = 512
+
+
+class FeatureCache:
+    """Key -> (T, Dv) fp16 features, all held in memory once built."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.rows: dict[str, int] = {}
+        self.table: Tensor | None = None  # (N, T, Dv) fp16
+
+    def build(self, model, processor, groups: Sequence[ImageGroup], batch_size: int = 16) -> "FeatureCache":
+        from safetensors.torch import load_file, save_file
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        index_file = self.root / "index.json"
+        index: dict[str, list] = json.loads(index_file.read_text()) if index_file.is_file() else {}
+        loaders = {}
+        for g in groups:
+            loaders.setdefault(g.key, g.load)
+        todo = [k for k in loaders if k not in index]
+        shard_id = len({v[0] for v in index.values()})
+        with torch.inference_mode():
+            for start in tqdm(range(0, len(todo), SHARD), desc="caching vision features", disable=not todo):
+                keys = todo[start:start + SHARD]
+                chunks = []
+                for b in range(0, len(keys), batch_size):
+                    imgs = [loaders[k]() for k in keys[b:b + batch_size]]
+                    pv = processor(text=["<image>"] * len(imgs), images=imgs)["pixel_values"]
+                    chunks.append(model._select(pv.to(model.multi_modal_projector.linear_1.weight.dtype)).half())
+                name = f"features-{shard_id:04d}.safetensors"
+                tmp = self.root / (name + ".tmp")
+                save_file({"features": torch.cat(chunks).contiguous()}, str(tmp))
+                os.replace(tmp, self.root / name)
+                for i, k in enumerate(keys):
+                    index[k] = [shard_id, i]
+                tmp_index = self.root / "index.json.tmp"
+                tmp_index.write_text(json.dumps(index))
+                os.replace(tmp_index, index_file)
+                shard_id += 1
+        shards = {s: load_file(str(self.root / f"features-{s:04d}.safetensors"))["features"]
+                  for s in sorted({v[0] for v in index.values()})}
+        wanted = list(loaders)
+        self.table = torch.stack([shards[index[k][0]][index[k][1]] for k in wanted])  # (N, T, Dv)
+        self.rows = {k: i for i, k in enumerate(wanted)}
+        return self
+
+    def get(self, keys: Sequence[str]) -> Tensor:
+        assert self.table is not None
+        return self.table[[self.rows[k] for k in keys]]  # (B, T, Dv) fp16
+
+    def stats(self) -> tuple[Tensor, Tensor]:
+        """Per-channel mean and std over all cached tokens (fp32), for feature standardisation."""
+        assert self.table is not None
+        x = self.table.float().reshape(-1, self.table.shape[-1])
+        return x.mean(0), x.std(0).clamp_min(1e-4)

@@ -1,0 +1,289 @@
+"""The training loop behind `llavakit train CONFIG` (both LLaVA stages).
+
+Stage 1 (align): vision tower and LM frozen, projector trained. Stage 2 (instruct): projector + LoRA on
+the LM (peft), or full LM tuning via `train: [language_model]`. Liu et al., "Visual Instruction
+Tuning" (2023) and "Improved Baselines with Visual Instruction Tuning" (2023) for the recipe.
+
+Our choices, each to make CPU training practical:
+- frozen towers: vision features are cached once (`features.py`), standardised per channel
+  (folded into `linear_1` when weights are saved, so the saved model needs no extra layer);
+- several conversations about one image are packed into one sequence with a block mask
+  (`packing.py`);
+- logits only at labelled positions (the 49k-word head is as costly as the LM for every position);
+- multi-process (torchrun, gloo on CPU): each rank takes its share of every step's images and
+  gradients of the trainable parameters are averaged across ranks (what DDP does) before each step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from ..data.dataset import IGNORE_INDEX, TurnLabeler
+from ..errors import InputError
+from . import checkpoint
+from .config import TrainConfig
+from .data import ImageGroup, build_groups, mix
+from .features import FeatureCache
+from .lora import apply_lora, load_lora_state, lora_state
+from .packing import block_mask, collate_packed, pack
+
+TRAINED = "trained.safetensors"
+
+
+def _dist() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        decay = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1 - frac
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+    return f
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir).expanduser()
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        import llavakit
+
+        cfg = self.cfg
+        self.rank, self.world = _dist()
+        torch.manual_seed(cfg.seed)
+        self.vlm = llavakit.load(cfg.model)
+        model = self.model = self.vlm.model
+        if not model.config.has_vision:
+            raise InputError("training recipes need a vision-language model")
+        model.requires_grad_(False)
+        for name in cfg.train:
+            model.get_submodule(name).requires_grad_(True)
+        if cfg.lora is not None:
+            apply_lora(model.language_model, cfg.lora)
+        self.mu = self.sd = None
+        if cfg.init_from:
+            self._load_trained(Path(cfg.init_from).expanduser() / TRAINED)
+        self.ds = TurnLabeler(self.vlm.processor)
+        self.groups: list[ImageGroup] = []
+        sources = []
+        for src in cfg.data:
+            g = build_groups(src)
+            if not g:
+                raise InputError(f"data source {src.kind} produced no samples")
+            sources.append((g, src.weight))
+            self.groups += g
+        per_step = cfg.batch_size * cfg.grad_accum * self.world
+        self.order = mix(sources, cfg.steps * per_step, cfg.seed)
+        self.n_image_tokens = model.num_image_tokens()
+        cache_root = Path(os.environ.get("LLAVAKIT_FEATURE_CACHE", self.out / "features")).expanduser()
+        self.features = FeatureCache(cache_root).build(model, self.vlm.processor, self.groups)
+        if self.mu is None:
+            if cfg.standardize_features:
+                self.mu, self.sd = self.features.stats()
+            else:
+                d = self.features.table.shape[-1]
+                self.mu, self.sd = torch.zeros(d), torch.ones(d)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        groups = []
+        for name, lr in cfg.lr.items():
+            ps = ([p for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n] if name == "lora"
+                  else [p for p in model.get_submodule(name).parameters() if p.requires_grad])
+            if ps:
+                groups.append({"params": ps, "lr": lr})
+        covered = {id(p) for g in groups for p in g["params"]}
+        if any(id(p) not in covered for p in self.params):
+            raise InputError(f"some trained parameters have no learning rate; set lr for each of "
+                             f"{', '.join(cfg.train)}{' and lora' if cfg.lora else ''}")
+        self.opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
+        self.fp = checkpoint.fingerprint(model.config.to_dict(), cfg.to_dict())
+        self.step = 0
+
+    def _load_trained(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise InputError(f"init_from: {path} does not exist (train the previous stage first)")
+        state = load_file(str(path))
+        self.mu, self.sd = state.pop("feature_mean"), state.pop("feature_std")
+        proj = {k[len("multi_modal_projector."):]: v for k, v in state.items() if k.startswith("multi_modal_projector.")}
+        # unfold the standardisation (saved W' = W / sd, b' = b - W' mu): train in standardised space
+        proj["linear_1.bias"] = proj["linear_1.bias"] + proj["linear_1.weight"] @ self.mu
+        proj["linear_1.weight"] = proj["linear_1.weight"] * self.sd[None, :]
+        self.model.multi_modal_projector.load_state_dict(proj)
+        lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
+        if lora:
+            if self.cfg.lora is None:
+                raise InputError(f"{path} holds LoRA weights but this recipe has no `lora:` section")
+            load_lora_state(self.model.language_model, lora)
+
+    # ------------------------------------------------------------------ one step
+    def loss(self, groups: list[ImageGroup]) -> Tensor:
+        model, lm = self.model, self.model.language_model
+        examples = [pack(self.ds, g.key, g.blocks, self.n_image_tokens) for g in groups]
+        batch = collate_packed(examples, self.vlm.processor._pad_id())
+        feats = self.features.get(batch["keys"]).float()  # (B, N, Dv)
+        img = model.multi_modal_projector((feats - self.mu) / self.sd)  # (B, N, D)
+        ids = batch["input_ids"]
+        img_mask = ids == model.config.image_token_id
+        emb = lm.embed(ids.masked_fill(img_mask, 0))
+        emb = emb.masked_scatter(img_mask[..., None], img.reshape(-1, img.shape[-1]).to(emb.dtype))
+        hidden = lm(emb, attention_mask=block_mask(batch["block_ids"], batch["valid"]),
+                    position_ids=batch["position_ids"])
+        tgt = batch["labels"][:, 1:]
+        sel = tgt != IGNORE_INDEX
+        logits = lm.logits(hidden[:, :-1][sel])  # (n_targets, V): only where there is a label
+        return F.cross_entropy(logits.float(), tgt[sel])
+
+    def _batch_groups(self, step: int, micro: int) -> list[ImageGroup]:
+        cfg = self.cfg
+        per_micro = cfg.batch_size * self.world
+        start = (step * cfg.grad_accum + micro) * per_micro + self.rank * cfg.batch_size
+        return [self.groups[i] for i in self.order[start:start + cfg.batch_size]]
+
+    # ------------------------------------------------------------------ loop
+    def run(self, resume: bool = False) -> Path:
+        cfg = self.cfg
+        self.setup()
+        log_path = self.out / "loss.jsonl"
+        if resume:
+            state = checkpoint.load(self.out, self.fp)
+            if state is not None:
+                self._restore(state)
+                if self.rank == 0 and log_path.is_file():  # drop log lines past the checkpoint
+                    keep = [x for x in log_path.read_text().splitlines() if x.strip()
+                            and json.loads(x)["step"] <= self.step]
+                    log_path.write_text("".join(x + "\n" for x in keep))
+        elif (self.out / checkpoint.NAME).exists():
+            raise InputError(f"{self.out} already holds a checkpoint; pass --resume to continue it or "
+                             f"choose another out_dir")
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        self.model.train()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.stage}", disable=self.rank != 0)
+        t0, window = time.perf_counter(), []
+        while self.step < cfg.steps:
+            self.opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                loss = self.loss(self._batch_groups(self.step, micro)) / cfg.grad_accum
+                loss.backward()
+                total += float(loss)
+            if self.world > 1:
+                for p in self.params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+                t = torch.tensor([total])
+                dist.all_reduce(t)
+                total = float(t) / self.world
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            self.sched.step()
+            self.step += 1
+            window.append(total)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.3f}")
+            if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                rec = {"step": self.step, "loss": sum(window) / len(window), "lr": self.sched.get_last_lr()[0],
+                       "elapsed_s": round(time.perf_counter() - t0, 1)}
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                window = []
+            if self.rank == 0 and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                checkpoint.save(self.out, self._state())
+                self.save_trained(self.out / TRAINED)  # small; lets `llavakit eval` follow a running job
+        bar.close()
+        if self.rank == 0:
+            self.save_trained(self.out / TRAINED)
+            plot_loss(log_path, self.out / "loss.png")
+        if self.world > 1:
+            dist.barrier()
+        return self.out
+
+    def _state(self) -> dict[str, Any]:
+        trainable = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        return {"fingerprint": self.fp, "step": self.step, "trainable": trainable, "mu": self.mu, "sd": self.sd,
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "torch_rng": torch.get_rng_state()}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        own = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, v in state["trainable"].items():
+                own[n].copy_(v)
+        self.mu, self.sd = state["mu"], state["sd"]
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+
+    def save_trained(self, path: Path) -> Path:
+        """Projector (standardisation folded into linear_1) + LoRA tensors + feature stats, safetensors."""
+        from safetensors.torch import save_file
+
+        proj = {k: v.detach().clone() for k, v in self.model.multi_modal_projector.state_dict().items()}
+        w, b = proj["linear_1.weight"], proj["linear_1.bias"]
+        proj["linear_1.weight"] = w / self.sd[None, :]
+        proj["linear_1.bias"] = b - proj["linear_1.weight"] @ self.mu
+        out = {f"multi_modal_projector.{k}": v.contiguous() for k, v in proj.items()}
+        out.update({f"lora.{k}": v.contiguous() for k, v in lora_state(self.model.language_model).items()})
+        out["feature_mean"], out["feature_std"] = self.mu.contiguous(), self.sd.contiguous()
+        meta = {"lora": json.dumps(self.cfg.lora.__dict__ if self.cfg.lora else None, default=list),
+                "steps": str(self.step), "stage": self.cfg.stage}
+        tmp = path.with_suffix(".tmp")
+        save_file(out, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+        return path
+
+
+def plot_loss(log_path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not log_path.is_file():
+        return
+    recs = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(out.parent.name)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def train(config_path: str | Path, resume: bool = False, overrides: dict[str, Any] | None = None) -> Path:
+    import yaml
+
+    raw = yaml.safe_load(Path(config_path).read_text()) if Path(config_path).is_file() else None
+    if raw is None:
+        raise InputError(f"training config {config_path} does not exist or is empty")
+    raw.update(overrides or {})
+    return Trainer(TrainConfig.from_dict(raw)).run(resume=resume)
