@@ -190,7 +190,7 @@ class Trainer:
             for micro in range(cfg.grad_accum):
                 loss = self.loss(self._batch_groups(self.step, micro)) / cfg.grad_accum
                 loss.backward()
-                total += float(loss)
+                total += float(loss.detach())
             if self.world > 1:
                 for p in self.params:
                     if p.grad is None:

@@ -1,0 +1,138 @@
+"""Training recipes on a tiny checkpoint: packing equivalence, resume, bad configs, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import llavakit
+from llavakit import InputError
+from llavakit.data.dataset import IGNORE_INDEX, TurnLabeler
+from llavakit.training import checkpoint
+from llavakit.training.apply import apply_trained
+from llavakit.training.config import TrainConfig
+from llavakit.training.packing import block_mask, collate_packed, encode_rounds, pack
+from llavakit.training.trainer import Trainer, train
+from tests.tiny_models import build
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build("llava", tmp_path_factory.mktemp("tiny-train"))
+
+
+def _recipe(tmp_path: Path, tiny: Path, **kw) -> Path:
+    cfg = {"model": str(tiny), "stage": "instruct", "out_dir": str(tmp_path / "run"),
+           "data": [{"kind": "world-instruction", "n": 4}, {"kind": "world-report", "n": 6, "weight": 0.5}],
+           "steps": 6, "batch_size": 2, "lr": {"multi_modal_projector": 0.002, "lora": 0.001},
+           "lora": {"r": 4, "alpha": 8}, "warmup_steps": 2, "checkpoint_every": 2, "log_every": 1}
+    cfg.update(kw)
+    p = tmp_path / "recipe.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_packed_blocks_give_the_same_logits_as_alone(tiny):
+    vlm = llavakit.load(str(tiny))
+    lm, model = vlm.model.language_model, vlm.model
+    lab = TurnLabeler(vlm.processor)
+    n_img = model.num_image_tokens()
+    blocks = [(("what is the colour ?", "red"),), (("describe the square", "a blue square"), ("yes ?", "no"))]
+    ex = pack(lab, "k", blocks, n_img)
+    batch = collate_packed([ex], vlm.processor._pad_id())
+    feats = torch.randn(1, n_img, 32)
+    with torch.no_grad():
+        emb = model.embed_inputs(batch["input_ids"], image_features=[feats[0]])
+        packed = lm.logits(lm(emb, attention_mask=block_mask(batch["block_ids"], batch["valid"]),
+                              position_ids=batch["position_ids"]))[0]
+        for i, b in enumerate(blocks, start=1):
+            ids, labels = encode_rounds(lab, b, n_img, "t")
+            alone = lm.logits(lm(model.embed_inputs(torch.tensor([ids]), image_features=[feats[0]])))[0]
+            sel = (batch["block_ids"][0] == i)
+            n_prefix = int((batch["block_ids"][0] == 0).sum())
+            assert torch.allclose(packed[sel], alone[n_prefix:], atol=1e-5)
+            assert (batch["labels"][0][sel] == torch.tensor(labels[n_prefix:])).all()
+    assert (batch["labels"][0][batch["block_ids"][0] == 0] == IGNORE_INDEX).all()
+
+
+def test_train_writes_weights_that_reload(tiny, tmp_path):
+    out = train(_recipe(tmp_path, tiny))
+    logs = [json.loads(x) for x in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == list(range(1, 7)) and all(r["loss"] > 0 for r in logs)
+    assert (out / "loss.png").is_file()
+    vlm = llavakit.load(str(tiny))
+    before = vlm.model.language_model.model.layers[0].self_attn.q_proj.weight.clone()
+    apply_trained(vlm.model, out / "trained.safetensors")
+    assert not torch.equal(before, vlm.model.language_model.model.layers[0].self_attn.q_proj.weight)
+    assert isinstance(vlm.chat("what is in the image ?", images=str(REPO / "llavakit/assets/sample.png"),
+                               max_new_tokens=3), str)
+
+
+def test_resume_continues_identically(tiny, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    full = train(_recipe(tmp_path / "a", tiny))
+    # an interrupted run: 4 steps and their checkpoint, then a kill -9 in the middle of the next write
+    recipe = _recipe(tmp_path / "b", tiny)
+    part = Trainer(TrainConfig.from_dict(yaml.safe_load(recipe.read_text())))
+    part.setup()
+    part.out.mkdir(parents=True, exist_ok=True)
+    while part.step < 4:
+        part.opt.zero_grad()
+        part.loss(part._batch_groups(part.step, 0)).backward()
+        torch.nn.utils.clip_grad_norm_(part.params, 1.0)
+        part.opt.step()
+        part.sched.step()
+        part.step += 1
+    checkpoint.save(part.out, part._state())
+    (part.out / ".checkpoint.pt.tmp-999").write_bytes(b"torn")  # a write killed midway
+    resumed = train(recipe, resume=True)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(full / "trained.safetensors")), load_file(str(resumed / "trained.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(resumed.glob(".checkpoint.pt.tmp-*"))
+
+
+def test_resume_refuses_other_model(tiny, tmp_path):
+    recipe = _recipe(tmp_path, tiny, steps=2)
+    train(recipe)
+    other = build("llava_multilayer", tmp_path / "other")
+    with pytest.raises(InputError, match="different model"):
+        train(recipe, resume=True, overrides={"model": str(other)})
+
+
+def test_existing_checkpoint_needs_resume(tiny, tmp_path):
+    recipe = _recipe(tmp_path, tiny, steps=2)
+    train(recipe)
+    with pytest.raises(InputError, match="--resume"):
+        train(recipe)
+
+
+def test_unknown_key_is_named(tmp_path, tiny):
+    with pytest.raises(InputError, match=r"unknown key 'lerning_rate'.*valid keys: .*lr"):
+        train(_recipe(tmp_path, tiny, lerning_rate=0.1))
+    with pytest.raises(InputError, match=r"unknown key 'wieght' in data\[0\]"):
+        train(_recipe(tmp_path, tiny, data=[{"kind": "easyvqa", "wieght": 1}]))
+    with pytest.raises(InputError, match="unknown data kind"):
+        train(_recipe(tmp_path, tiny, data=[{"kind": "imagenet"}]))
+
+
+def test_torchrun_two_processes(tiny, tmp_path):
+    recipe = _recipe(tmp_path, tiny, steps=2, checkpoint_every=1)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "llavakit.cli", "train", str(recipe)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    logs = [json.loads(x) for x in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2]
