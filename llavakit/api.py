@@ -178,7 +178,12 @@ class VLM:
 
     # ------------------------------------------------------------------ cost and export
     def cost(self, prompt_tokens: int, new_tokens: int = 0, image_sizes: Sequence[tuple[int, int]] = ()) -> cost_mod.RequestCost:
-        """Analytic cost of a request with `prompt_tokens` text tokens and images of `image_sizes`."""
+        """Analytic cost of a request with `prompt_tokens` text tokens and images of `image_sizes` (h, w).
+
+        `image_sizes` are what `model.num_image_tokens` takes: for anyres models the original image
+        sizes, for fixed-resolution models the preprocessed view sizes (`pixel_values.shape[-2:]`;
+        default view: `config.input_size`).
+        """
         visual = sum(self.model.num_image_tokens(s) for s in image_sizes)
         views = sum(self.model._num_views(s) if self.config.is_anyres else 1 for s in image_sizes)
         return cost_mod.request_cost(self.config, num_views=views, visual_tokens=visual,

@@ -38,7 +38,15 @@ LLAVAKIT_META = "llavakit.json"
 def load(source: str | os.PathLike = "default", dtype: Any = None, device: Any = None) -> VLM:
     """Load a model: "default", a local HF-format directory, or a hub id. dtype None = float32."""
     path = resolve_source(source)
-    return load_dir(path, dtype=dtype, device=device, source=str(source))
+    vlm = load_dir(path, dtype=dtype, device=device, source=str(source))
+    if str(source) == "default":
+        from .default.build import trained_weights
+        from .training.apply import apply_trained
+
+        shipped = trained_weights()
+        if shipped is not None:  # the trained projector + LoRA shipped inside the package
+            apply_trained(vlm.model, shipped)
+    return vlm
 
 
 def resolve_source(source: str | os.PathLike) -> Path:

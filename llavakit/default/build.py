@@ -527,3 +527,9 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
     _fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def trained_weights() -> Path | None:
+    """The trained projector + LoRA shipped in the package (recipes/default-instruct.yaml), if any."""
+    p = Path(__file__).resolve().parent / "weights" / "default-trained.safetensors"
+    return p if p.is_file() else None
