@@ -177,3 +177,32 @@ def run_encoder(layers: Sequence[nn.Module], x: Tensor, wanted: Sequence[int],
         if l + 1 in want:
             states[l + 1] = x
     return VisionOutput(hidden_states=[states[i] for i in want], attentions=attentions)
+
+
+class ViTTower(nn.Module):
+    """What every vision tower shares: patch counting and the native-size input check."""
+
+    has_cls: bool = True
+    config: "object"
+
+    def num_patches(self, height: int, width: int) -> int:
+        """Patch tokens (CLS excluded) for an image of height x width pixels."""
+        p = self.config.patch_size
+        return (height // p) * (width // p)
+
+    def check_native_size(self, pixel_values: Tensor, interpolate_pos_encoding: bool, name: str) -> None:
+        h, w = pixel_values.shape[-2:]
+        size = self.config.image_size
+        if not interpolate_pos_encoding and (h != size or w != size):
+            raise InputError(f"{name} input is {h}x{w} px but the tower is {size}x{size}; resize the image "
+                             "or pass interpolate_pos_encoding=True")
+
+
+def prenorm_encoder(config) -> nn.Module:
+    """`encoder.layers`: the CLIP/SigLIP stack of pre-norm transformer layers (transformers' names)."""
+    encoder = nn.Module()
+    encoder.layers = nn.ModuleList(
+        PreNormLayer(config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                     config.layer_norm_eps, config.hidden_act)
+        for _ in range(config.num_hidden_layers))
+    return encoder

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ...config import VisionConfig
 from ...errors import InputError
-from ...layers.vit import PreNormLayer, Rows, VisionOutput, run_encoder
+from ...layers.vit import Rows, VisionOutput, ViTTower, prenorm_encoder, run_encoder
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -56,7 +56,7 @@ class CLIPVisionEmbeddings(nn.Module):
         return x + self.positions(x.shape[1] - 1, h, w)
 
 
-class CLIPVisionTower(nn.Module):
+class CLIPVisionTower(ViTTower):
     """CLIP vision encoder returning the hidden states of the requested layers."""
 
     has_cls = True
@@ -71,25 +71,13 @@ class CLIPVisionTower(nn.Module):
         d, eps = config.hidden_size, config.layer_norm_eps
         self.embeddings = CLIPVisionEmbeddings(config)
         self.pre_layrnorm = nn.LayerNorm(d, eps=eps)  # sic: transformers' spelling
-        self.encoder = nn.Module()
-        self.encoder.layers = nn.ModuleList(
-            PreNormLayer(d, config.intermediate_size, config.num_attention_heads, eps, config.hidden_act)
-            for _ in range(config.num_hidden_layers))
+        self.encoder = prenorm_encoder(config)
         self.post_layernorm = nn.LayerNorm(d, eps=eps)  # weight parity only; not applied in forward
-
-    def num_patches(self, height: int, width: int) -> int:
-        """Patch tokens (CLS excluded) for an image of height x width pixels."""
-        p = self.config.patch_size
-        return (height // p) * (width // p)
 
     def forward(self, pixel_values: Tensor, layers: Sequence[int],
                 attention_rows: Mapping[int, Rows] | None = None, *,
                 interpolate_pos_encoding: bool = False) -> VisionOutput:
         """pixel_values: (B, C, H, W). H = W = image_size unless `interpolate_pos_encoding`."""
-        h, w = pixel_values.shape[-2:]
-        size = self.config.image_size
-        if not interpolate_pos_encoding and (h != size or w != size):
-            raise InputError(f"CLIP input is {h}x{w} px but the tower is {size}x{size}; resize the image "
-                             "or pass interpolate_pos_encoding=True")
+        self.check_native_size(pixel_values, interpolate_pos_encoding, "CLIP")
         x = self.pre_layrnorm(self.embeddings(pixel_values))  # (B, 1 + N, D)
         return run_encoder(self.encoder.layers, x, layers, attention_rows)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ...config import VisionConfig
 from ...errors import InputError
-from ...layers.vit import MLP, Attention, Rows, VisionOutput, run_encoder
+from ...layers.vit import MLP, Attention, Rows, VisionOutput, ViTTower, run_encoder
 
 
 class Dinov2Embeddings(nn.Module):
@@ -95,7 +95,7 @@ class Dinov2Layer(nn.Module):
         return x, qk
 
 
-class Dinov2VisionTower(nn.Module):
+class Dinov2VisionTower(ViTTower):
     """DINOv2 encoder returning the hidden states of the requested layers, at any input size."""
 
     has_cls = True
@@ -113,11 +113,6 @@ class Dinov2VisionTower(nn.Module):
         self.encoder = nn.Module()
         self.encoder.layer = nn.ModuleList(Dinov2Layer(config, mlp_hidden) for _ in range(config.num_hidden_layers))
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)  # parity only; not applied
-
-    def num_patches(self, height: int, width: int) -> int:
-        """Patch tokens (CLS excluded) for an image of height x width pixels."""
-        p = self.config.patch_size
-        return (height // p) * (width // p)
 
     def forward(self, pixel_values: Tensor, layers: Sequence[int],
                 attention_rows: Mapping[int, Rows] | None = None, *,
