@@ -111,6 +111,13 @@ def cmd_eval(model: str, tasks: str, limit: int | None, batch_size: int, max_new
     return 0
 
 
+def cmd_chat(model: str, image: str | None, max_new_tokens: int, temperature: float) -> int:
+    from . import load
+    from .chat import run
+
+    return run(load(model), image, max_new_tokens=max_new_tokens, temperature=temperature)
+
+
 def cmd_train(config: str, resume: bool, steps: int | None, out_dir: str | None) -> int:
     from .training.trainer import train
 
@@ -155,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output directory")
     c.add_argument("--dtype", default=None)
     c.set_defaults(fn=lambda a: cmd_convert(a.model, a.out, a.dtype))
+
+    ch = sub.add_parser("chat", help="interactive multi-turn chat about an image",
+                        description="Chat about an image in the terminal. Commands: /image PATH, /reset, "
+                                    "/help, /quit.")
+    ch.add_argument("--model", default="default")
+    ch.add_argument("--image", default=None, help="the first image (switch with /image PATH)")
+    ch.add_argument("--max-new-tokens", type=int, default=128)
+    ch.add_argument("--temperature", type=float, default=0.0)
+    ch.set_defaults(fn=lambda a: cmd_chat(a.model, a.image, a.max_new_tokens, a.temperature))
 
     t = sub.add_parser("train", help="run a training recipe (YAML config)",
                        description="Run a training recipe: `llavakit train recipes/default-instruct.yaml`. "

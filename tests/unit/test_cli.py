@@ -17,18 +17,19 @@ def model_dir(tmp_path_factory):
     return build("llava", tmp_path_factory.mktemp("cli-llava"))
 
 
-@pytest.mark.parametrize("verb", ["generate", "info", "convert", "eval"])
+@pytest.mark.parametrize("verb", ["generate", "info", "convert", "eval", "train", "chat"])
 def test_help_on_every_verb(verb, capsys):
     with pytest.raises(SystemExit) as e:
         main([verb, "--help"])
     assert e.value.code == 0
-    assert "--model" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage: llavakit " + verb in out and ("--resume" in out if verb == "train" else "--model" in out)
 
 
 def test_every_verb_is_tested():
     sub = next(a for a in build_parser()._actions if a.dest == "verb")
-    # "train" (no --model flag) is exercised end to end in tests/unit/test_training.py.
-    assert set(sub.choices) == {"generate", "info", "convert", "eval", "train"}
+    # "train" is exercised end to end in tests/unit/test_training.py.
+    assert set(sub.choices) == {"generate", "info", "convert", "eval", "train", "chat"}
 
 
 def test_info_json(model_dir, capsys):
@@ -79,3 +80,22 @@ def test_eval_bad_task_and_compression(model_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(model_dir), "--tasks", "world-colour", "--limit", "1",
                  "--compression", "fastv:0.5", "--out", str(tmp_path)]) == 2
     assert "compression is not available yet" in capsys.readouterr().err
+
+
+def test_chat_session_multi_turn_and_bad_input(model_dir, tmp_path):
+    import llavakit
+    from llavakit.chat import run
+
+    img = tmp_path / "c.png"
+    Image.fromarray(np.full((20, 30, 3), 200, dtype=np.uint8)).save(img)
+    bad = tmp_path / "bad.png"
+    bad.write_text("nope")
+    lines = iter(["what is in the image ?", "and the colour ?", f"/image {bad}", "/frobnicate",
+                  f"/image {img}", "describe the square", "/reset", "/quit"])
+    out: list[str] = []
+    vlm = llavakit.load(str(model_dir))
+    assert run(vlm, str(img), read=lambda _: next(lines), write=out.append, max_new_tokens=3) == 0
+    text = "\n".join(out)
+    assert text.count("assistant>") == 3
+    assert "error:" in text and "unknown command /frobnicate" in text
+    assert "conversation cleared" in text
