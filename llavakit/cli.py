@@ -4,6 +4,8 @@
     llavakit info --model default
     llavakit convert --model default --out ./my-llava-hf
     llavakit eval --model default --tasks easyvqa,world-colour --limit 200 --shuffled-control
+    llavakit serve --model default --port 8000
+    llavakit web --model default --port 7860
 """
 
 from __future__ import annotations
@@ -127,6 +129,35 @@ def cmd_train(config: str, resume: bool, steps: int | None, out_dir: str | None)
     return 0
 
 
+def cmd_serve(model: str, host: str, port: int, dtype: str | None, settings_kw: dict) -> int:
+    try:
+        from .serve import ServeSettings, run
+    except ImportError as e:
+        raise InputError(f"`llavakit serve` needs fastapi, uvicorn and httpx ({e}); "
+                         "pip install fastapi uvicorn httpx") from e
+    from . import load
+
+    settings = ServeSettings(host=host, port=port, **settings_kw)  # checked before the model loads
+    vlm = load(model, dtype=dtype)
+    print(f"serving {vlm.source or model} on http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)", flush=True)
+    run(vlm, settings)
+    return 0
+
+
+def cmd_web(model: str, host: str, port: int, dtype: str | None, max_new_tokens: int) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError as e:
+        raise InputError(f"`llavakit web` needs gradio ({e}); pip install gradio") from e
+    from . import load
+    from .serve.web import launch
+
+    vlm = load(model, dtype=dtype)
+    print(f"web demo for {vlm.source or model} on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
+    launch(vlm, host, port, max_new_tokens=max_new_tokens)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llavakit", description="LLaVA-family models: run, inspect, convert.")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -203,6 +234,45 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
     e.set_defaults(fn=lambda a: cmd_eval(a.model, a.tasks, a.limit, a.batch_size, a.max_new_tokens, a.seed,
                                          a.shuffled_control, a.out, a.compression, a.dtype, a.progress))
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat completions, streaming, batching)",
+                        description="Serve a model over an OpenAI-compatible API: POST /v1/chat/completions "
+                                    "(text and image_url parts, stream), GET /v1/models, GET /health. Requests "
+                                    "with compatible settings are batched dynamically.")
+    sv.add_argument("--model", default="default", help="'default', a local HF-format directory, or a hub id")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--dtype", default=None)
+    sv.add_argument("--model-name", default=None, help="the model id clients see (default: from --model)")
+    sv.add_argument("--api-key", default=None, help="required bearer token (default: $LLAVAKIT_API_KEY; unset = none)")
+    sv.add_argument("--max-batch-size", type=int, default=8)
+    sv.add_argument("--max-wait-ms", type=float, default=10.0, help="how long the first request waits for batch-mates")
+    sv.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 429")
+    sv.add_argument("--request-timeout", type=float, default=120.0, dest="request_timeout_s", help="seconds (504)")
+    sv.add_argument("--max-tokens-limit", type=int, default=1024)
+    sv.add_argument("--max-image-bytes", type=int, default=10_000_000)
+    sv.add_argument("--max-images-per-request", type=int, default=8)
+    sv.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off by default)")
+    sv.add_argument("--image-root", default=None, help="allow local image paths inside this directory")
+    sv.add_argument("--torch-threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's; on a busy CPU leave a core to the HTTP side)")
+    sv.set_defaults(fn=lambda a: cmd_serve(a.model, a.host, a.port, a.dtype, dict(
+        model_name=a.model_name, api_key=a.api_key, max_batch_size=a.max_batch_size, max_wait_ms=a.max_wait_ms,
+        max_queue=a.max_queue, request_timeout_s=a.request_timeout_s, max_tokens_limit=a.max_tokens_limit,
+        default_max_tokens=min(256, a.max_tokens_limit), max_image_bytes=a.max_image_bytes,
+        max_body_bytes=max(16_000_000, a.max_image_bytes * 4 // 3 + 1_000_000),  # one image, base64, fits
+        max_images_per_request=a.max_images_per_request, allow_remote_images=a.allow_remote_images,
+        image_root=a.image_root, torch_threads=a.torch_threads)))
+
+    w = sub.add_parser("web", help="web demo (Gradio): ask about an image, see tokens, cost and the token map",
+                       description="Serve a Gradio page: upload an image, ask a question, see the answer, the "
+                                   "number of visual tokens, the analytic cost and which image tokens were kept.")
+    w.add_argument("--model", default="default", help="'default', a local HF-format directory, or a hub id")
+    w.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    w.add_argument("--port", type=int, default=7860)
+    w.add_argument("--dtype", default=None)
+    w.add_argument("--max-new-tokens", type=int, default=64, help="greedy answer length cap")
+    w.set_defaults(fn=lambda a: cmd_web(a.model, a.host, a.port, a.dtype, a.max_new_tokens))
     return p
 
 

@@ -17,7 +17,7 @@ def model_dir(tmp_path_factory):
     return build("llava", tmp_path_factory.mktemp("cli-llava"))
 
 
-@pytest.mark.parametrize("verb", ["generate", "info", "convert", "eval", "train", "chat"])
+@pytest.mark.parametrize("verb", ["generate", "info", "convert", "eval", "train", "chat", "serve", "web"])
 def test_help_on_every_verb(verb, capsys):
     with pytest.raises(SystemExit) as e:
         main([verb, "--help"])
@@ -28,8 +28,9 @@ def test_help_on_every_verb(verb, capsys):
 
 def test_every_verb_is_tested():
     sub = next(a for a in build_parser()._actions if a.dest == "verb")
-    # "train" is exercised end to end in tests/unit/test_training.py.
-    assert set(sub.choices) == {"generate", "info", "convert", "eval", "train", "chat"}
+    # "train" is exercised end to end in tests/unit/test_training.py, "serve" in tests/unit/test_serve*.py,
+    # "web" in tests/unit/test_web.py (and tests/browser/).
+    assert set(sub.choices) == {"generate", "info", "convert", "eval", "train", "chat", "serve", "web"}
 
 
 def test_info_json(model_dir, capsys):
