@@ -14,3 +14,13 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread while a module runs (restored after): on a small busy CPU, torch's OpenMP pool
+    competing with a server's HTTP threads can stall seconds per batch (see ServeSettings.torch_threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -54,15 +54,8 @@ def as_llavakit(text: str, n_images: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread while this module runs (restored after): on a small busy CPU, torch's OpenMP pool
-    competing with the HTTP threads can stall seconds per batch (see ServeSettings.torch_threads)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread(one_torch_thread):
+    """These tests check behaviour, not speed: one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

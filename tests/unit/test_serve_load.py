@@ -62,16 +62,8 @@ def huge_png_header(width: int = 20000, height: int = 20000) -> bytes:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread while this module runs (restored after): with the HTTP side and other processes
-    competing for a small CPU, torch's OpenMP pool can stall seconds per batch (see ServeSettings.torch_threads);
-    these tests check behaviour, not speed."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread(one_torch_thread):
+    """These tests check behaviour, not speed: one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
