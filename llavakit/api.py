@@ -28,10 +28,23 @@ from .models.vlm import LlavaModel, VLMOutput
 class VLM:
     """A loaded model with its processor. Thread-safety: one request at a time per instance."""
 
-    def __init__(self, model: LlavaModel, processor: Processor, *, source: str = "") -> None:
+    def __init__(self, model: LlavaModel, processor: Processor, *, source: str = "", compression: Any = None) -> None:
         self.model = model
         self.processor = processor
         self.source = source
+        self.compression = self.resolve_compression(compression)  # the default for every call
+
+    def resolve_compression(self, spec: Any = "default"):
+        """A spec (string / list / Compression / None) -> a checked `Compression` or None.
+        "default" (the argument's default) means this instance's own compression."""
+        from .compression import Compression
+
+        if isinstance(spec, str) and spec == "default":
+            return getattr(self, "compression", None)
+        comp = Compression.parse(spec)
+        if comp is not None:
+            comp.check(self.model)
+        return comp
 
     # ------------------------------------------------------------------ properties
     @property
@@ -88,16 +101,18 @@ class VLM:
 
     def _generate_new(self, input_ids: Tensor, attention_mask: Tensor | None, pixel_values: Tensor | None,
                       image_sizes: Tensor | None, on_token: Callable[[int, int], None] | None,
-                      **gen_kwargs: Any) -> Tensor:
+                      compression: Any = "default", **gen_kwargs: Any) -> Tensor:
         cfg = self.generation_config(**gen_kwargs)
+        comp = self.resolve_compression(compression)
         dev = self.device
         input_ids = input_ids.to(dev)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embeds = self.model.embed_inputs(input_ids, _to(pixel_values, dev), image_sizes)
+        embeds = self.model.embed_inputs(input_ids, _to(pixel_values, dev), image_sizes, compression=comp)
+        run = comp.lm_run(self.model, input_ids, attention_mask.to(dev)) if comp is not None else None
         decode_fn = self.processor.decode if (cfg.stop_strings and self.processor.has_tokenizer) else None
         return run_generate(self.model.language_model, embeds, attention_mask.to(dev), cfg,
-                            decode_fn=decode_fn, on_token=on_token)
+                            decode_fn=decode_fn, on_token=on_token, run=run)
 
     # ------------------------------------------------------------------ text level
     def build_prompt(self, prompt: str | Sequence[dict], images: Sequence[Any]) -> str:
@@ -115,21 +130,25 @@ class VLM:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
     def chat(self, prompt: str | Sequence[dict], images: Any = None, max_new_tokens: int = 64,
-             temperature: float = 0.0, **kw: Any) -> str:
+             temperature: float = 0.0, compression: Any = "default", **kw: Any) -> str:
         """Answer one prompt (a string, or transformers chat messages) about zero or more images."""
-        return self.chat_batch([prompt], [images], max_new_tokens=max_new_tokens, temperature=temperature, **kw)[0]
+        return self.chat_batch([prompt], [images], compression=compression, max_new_tokens=max_new_tokens,
+                               temperature=temperature, **kw)[0]
 
     def chat_batch(self, prompts: Sequence[str | Sequence[dict]], images: Sequence[Any] | None = None,
-                   **kw: Any) -> list[str]:
-        """Batched chat: prompts of different lengths and image counts, left-padded into one batch."""
+                   compression: Any = "default", **kw: Any) -> list[str]:
+        """Batched chat: prompts of different lengths and image counts, left-padded into one batch.
+        `compression`: a spec for this call (e.g. "fastervlm:keep=0.1"; None = off); default: the
+        instance's own (`llavakit.load(..., compression=...)`)."""
         images = list(images) if images is not None else [None] * len(prompts)
         if len(images) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(images)} image lists")
         per = [_as_list(im) for im in images]
         texts = [self.build_prompt(p, im) for p, im in zip(prompts, per)]
-        inputs = self.processor(text=texts, images=[x for im in per for x in im] or None)
+        comp = self.resolve_compression(compression)
+        inputs = self.processor(text=texts, images=[x for im in per for x in im] or None, compression=comp)
         new = self._generate_new(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"),
-                                 inputs.get("image_sizes"), kw.pop("on_token", None), **kw)
+                                 inputs.get("image_sizes"), kw.pop("on_token", None), compression=comp, **kw)
         stops = self.generation_config(**{k: v for k, v in kw.items() if k in ("stop", "stop_strings")}).stop_strings
         gen = self.generation_config(**{k: v for k, v in kw.items() if k in ("eos_token_id", "pad_token_id")})
         return [trim_stop(self.processor.decode(_cut(row, gen.eos_token_ids, gen.pad_token_id)), stops).strip()

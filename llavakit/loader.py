@@ -35,8 +35,13 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.ti
 LLAVAKIT_META = "llavakit.json"
 
 
-def load(source: str | os.PathLike = "default", dtype: Any = None, device: Any = None) -> VLM:
-    """Load a model: "default", a local HF-format directory, or a hub id. dtype None = float32."""
+def load(source: str | os.PathLike = "default", dtype: Any = None, device: Any = None,
+         compression: Any = None) -> VLM:
+    """Load a model: "default", a local HF-format directory, or a hub id. dtype None = float32.
+    `compression`: a compression spec (e.g. "fastervlm:keep=0.1") every call uses unless it passes its own."""
+    from .compression import Compression
+
+    comp = Compression.parse(compression)  # a bad spec fails before any weight is read
     path = resolve_source(source)
     vlm = load_dir(path, dtype=dtype, device=device, source=str(source))
     if str(source) == "default":
@@ -46,6 +51,9 @@ def load(source: str | os.PathLike = "default", dtype: Any = None, device: Any =
         shipped = trained_weights()
         if shipped is not None:  # the trained projector + LoRA shipped inside the package
             apply_trained(vlm.model, shipped)
+    if comp is not None:
+        comp.check(vlm.model)
+        vlm.compression = comp
     return vlm
 
 

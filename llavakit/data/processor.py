@@ -68,7 +68,8 @@ class Processor:
 
     # ------------------------------------------------------------------ main entry
     def __call__(self, text: str | Sequence[str] | None = None, images: Any = None,
-                 return_tensors: str = "pt", padding_side: str = "left") -> dict[str, Tensor]:
+                 return_tensors: str = "pt", padding_side: str = "left", compression: Any = None) -> dict[str, Tensor]:
+        """`compression`: a `Compression`; each image then gets the placeholder count after its stages."""
         if return_tensors != "pt":
             raise InputError(f"return_tensors={return_tensors!r} is not supported; use 'pt'")
         if text is None:
@@ -102,7 +103,8 @@ class Processor:
             else:
                 out["pixel_values"] = preprocess(pil, self.image_config)  # (N, 3, H, W)
                 view = tuple(int(x) for x in out["pixel_values"].shape[-2:])
-                counts = [int(self.count_tokens(view))] * len(pil)
+                n = self.count_tokens(view, compression) if compression is not None else self.count_tokens(view)
+                counts = [int(n)] * len(pil)
         ids = self.tokenize(texts, counts)
         out.update(_pad(ids, self._pad_id(), padding_side))
         return out

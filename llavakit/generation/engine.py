@@ -80,11 +80,12 @@ def trim_stop(text: str, stop_strings: Sequence[str]) -> str:
 @torch.no_grad()
 def generate(lm, inputs_embeds: Tensor, attention_mask: Tensor | None, config: GenerationConfig, *,
              decode_fn: Callable[[list[int]], str] | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> Tensor:
+             on_token: Callable[[int, int], None] | None = None, run=None) -> Tensor:
     """Generate up to `config.max_new_tokens` tokens for each left-padded prompt.
 
     inputs_embeds (B, T, D); attention_mask (B, T) 1 = real token, 0 = left padding (None: no padding).
     Returns the generated ids only, (B, N) long with N <= max_new_tokens; finished rows hold pad_token_id.
+    `run`: the in-LLM compression state of this generation (`Compression.lm_run`), passed to every LM call.
     """
     b, t, _ = inputs_embeds.shape
     device = inputs_embeds.device
@@ -110,7 +111,7 @@ def generate(lm, inputs_embeds: Tensor, attention_mask: Tensor | None, config: G
     cache = lm.new_cache(b, t + config.max_new_tokens, dtype=inputs_embeds.dtype, device=device) \
         if config.use_cache else None
 
-    hidden = lm(inputs_embeds, mask, positions, cache)  # (B, T, D)
+    hidden = lm(inputs_embeds, mask, positions, cache, run=run)  # (B, T, D)
     logits = lm.logits(hidden[:, -1:])[:, 0]  # (B, V)
     all_embeds, all_pos = inputs_embeds, positions  # only used without a cache
 
@@ -143,10 +144,10 @@ def generate(lm, inputs_embeds: Tensor, attention_mask: Tensor | None, config: G
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
         if cache is not None:
-            hidden = lm(emb, mask, pos, cache)
+            hidden = lm(emb, mask, pos, cache, run=run)
         else:
             all_embeds = torch.cat([all_embeds, emb], dim=1)
             all_pos = torch.cat([all_pos, pos], dim=1)
-            hidden = lm(all_embeds, mask, all_pos, None)
+            hidden = lm(all_embeds, mask, all_pos, None, run=run)
         logits = lm.logits(hidden[:, -1:])[:, 0]
     return torch.stack(steps, dim=1)

@@ -51,6 +51,15 @@ class KVCache:
         self.lengths[layer] = end
         return kbuf[:, :, :end], vbuf[:, :, :end]
 
+    def compact(self, layer: int, index: Tensor) -> None:
+        """Keep only cached positions `index` (B, S') of `layer`, in that order (KV eviction, pruning)."""
+        end = self.lengths[layer]
+        idx = index[:, None, :, None].expand(-1, self.keys[layer].shape[1], -1, self.keys[layer].shape[-1])
+        for buf in (self.keys[layer], self.values[layer]):
+            kept = buf[:, :, :end].gather(2, idx)  # (B, Hkv, S', Dh), a copy
+            buf[:, :, : kept.shape[2]].copy_(kept)
+        self.lengths[layer] = index.shape[1]
+
     def reset(self) -> None:
         """Forget all cached positions (buffers are kept for reuse)."""
         self.lengths = [0] * self.num_layers

@@ -49,7 +49,7 @@ class LlavaModel(nn.Module):
         self.language_model = build_lm(config.lm)
 
     # ------------------------------------------------------------------ visual side
-    def num_image_tokens(self, image_size: tuple[int, int] | None = None) -> int:
+    def num_image_tokens(self, image_size: tuple[int, int] | None = None, compression=None) -> int:
         """Visual tokens one image becomes in the LM input.
 
         `image_size` (h, w): for anyres models the original image size; for fixed-resolution models the
@@ -58,6 +58,9 @@ class LlavaModel(nn.Module):
         cfg = self.config
         if not cfg.has_vision:
             raise InputError("this is a text-only model; it takes no images")
+        if compression is not None:  # a `Compression`: tokens after its resize and token stages
+            return compression.num_image_tokens(self, image_size if image_size is not None
+                                                else (cfg.input_size, cfg.input_size))
         vc = cfg.vision
         extra = 1 if cfg.vision_feature_select_strategy == "full" and vc.has_cls else 0
         if not cfg.is_anyres:  # image_size here is the preprocessed view (h, w) the tower sees
@@ -72,18 +75,31 @@ class LlavaModel(nn.Module):
 
     def _select(self, pixel_values: Tensor) -> Tensor:
         """Run the tower on (N, C, H, W) views and select feature layers -> (N, T, Dv)."""
+        return self._select_with_attention(pixel_values)[0]
+
+    def _select_with_attention(self, pixel_values: Tensor, attention_rows: dict | None = None,
+                               interpolate_pos_encoding: bool = False) -> tuple[Tensor, dict[int, Tensor]]:
+        """`_select` plus the attention rows asked for ({layer: rows} -> {layer: (N, H, R, 1 + T)}, H1)."""
         cfg = self.config
-        out = self.vision_tower(pixel_values, layers=cfg.feature_layers)
+        out = self.vision_tower(pixel_values, layers=cfg.feature_layers, attention_rows=attention_rows or None,
+                                interpolate_pos_encoding=interpolate_pos_encoding)
         feats = out.hidden_states[0] if len(out.hidden_states) == 1 else torch.cat(out.hidden_states, dim=-1)
         if cfg.vision_feature_select_strategy == "default" and self.vision_tower.has_cls:
             feats = feats[:, 1:]
-        return feats
+        return feats, dict(out.attentions or {})
 
-    def get_image_features(self, pixel_values: Tensor, image_sizes: Tensor | None = None) -> list[Tensor]:
-        """Projected features, one (N_i, D) tensor per image, in input order."""
+    def get_image_features(self, pixel_values: Tensor, image_sizes: Tensor | None = None,
+                           compression=None) -> list[Tensor]:
+        """Projected features, one (N_i, D) tensor per image, in input order. `compression`: a
+        `Compression` whose resize and token stages (H2) run here."""
         cfg = self.config
         if not cfg.has_vision:
             raise InputError("this is a text-only model; it takes no images")
+        if compression is not None:
+            if pixel_values.dim() != 4:
+                raise InputError(f"pixel_values must be (N, C, H, W), got shape {tuple(pixel_values.shape)}")
+            dtype = self.multi_modal_projector.linear_1.weight.dtype
+            return compression.image_features(self, pixel_values.to(dtype)).features
         dtype = self.multi_modal_projector.linear_1.weight.dtype
         if not cfg.is_anyres:
             if pixel_values.dim() != 4:
@@ -117,13 +133,14 @@ class LlavaModel(nn.Module):
 
     # ------------------------------------------------------------------ sequence assembly (H4)
     def embed_inputs(self, input_ids: Tensor, pixel_values: Tensor | None = None,
-                     image_sizes: Tensor | None = None, image_features: Sequence[Tensor] | None = None) -> Tensor:
+                     image_sizes: Tensor | None = None, image_features: Sequence[Tensor] | None = None,
+                     compression=None) -> Tensor:
         """Token embeddings with every image placeholder replaced by its visual features -> (B, T, D)."""
         lm = self.language_model
         image_mask = input_ids == self.config.image_token_id if self.config.has_vision else None
         n_slots = int(image_mask.sum()) if image_mask is not None else 0
         if image_features is None and pixel_values is not None:
-            image_features = self.get_image_features(pixel_values, image_sizes)
+            image_features = self.get_image_features(pixel_values, image_sizes, compression=compression)
         if not n_slots and not image_features:
             return lm.embed(input_ids)
         ids = input_ids.masked_fill(image_mask, 0) if n_slots else input_ids

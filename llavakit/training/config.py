@@ -14,6 +14,7 @@ from ..errors import InputError
 
 DATA_KINDS = ("easyvqa", "world-caption", "world-instruction", "world-report", "llava-json")
 STAGES = ("align", "instruct")
+PRECISIONS = ("fp32", "bf16")
 MODULES = ("vision_tower", "multi_modal_projector", "language_model")
 
 
@@ -67,6 +68,7 @@ class TrainConfig:
     lora: LoraSpec | None = None  # LoRA on the language model (peft)
     cache_features: bool = True  # frozen tower: compute features once, train on the cache
     standardize_features: bool = True  # per-channel feature standardisation, folded into linear_1 on save
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the LM compute; trained weights and optimizer stay fp32)
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -82,6 +84,8 @@ class TrainConfig:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.schedule not in ("cosine", "constant", "linear"):
             raise InputError(f"unknown schedule {self.schedule!r}; valid: cosine, constant, linear")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if not self.data:
             raise InputError("a training config needs at least one data source (`data:`)")
 

@@ -183,10 +183,14 @@ class LlamaLM(nn.Module):
         return causal_padding_mask(torch.ones(b, past + t, dtype=torch.bool, device=device), t), False
 
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+                position_ids: Tensor | None = None, cache: KVCache | None = None, run=None) -> Tensor:
         """inputs_embeds (B, T, D); attention_mask (B, S) 0/1 over cached + new keys, or None (no padding),
         or a ready bool mask (B, 1, T, S) (e.g. block masks of packed training sequences; then pass
-        position_ids); position_ids (B, T) or None. Appends this step's keys/values to `cache`. Returns hidden (B, T, D)."""
+        position_ids); position_ids (B, T) or None. Appends this step's keys/values to `cache`. Returns hidden (B, T, D).
+        `run`: a `compression.runner.LMRun` (in-LLM pruning / KV policies of one generation), which then
+        runs the layer loop (after pruning, prefill returns fewer positions; the last one is kept)."""
+        if run is not None:
+            return run.forward(self, inputs_embeds, attention_mask, position_ids, cache)
         b, t, _ = inputs_embeds.shape
         past = cache.seq_len() if cache is not None else 0
         if position_ids is None:
