@@ -8,7 +8,7 @@ composition and the visual side, `runner` the LM side. Methods live in `llavakit
 `llavakit.llm_hooks` (H5/H6) and are registered by `methods`.
 """
 
-from .base import METHODS, KVPolicy, LayerHook, LayerState, StageContext, TokenStage, ViewResize
+from .base import BUDGET_PARAMS, METHODS, KVPolicy, LayerHook, LayerState, StageContext, TokenStage, ViewResize, register, with_budget
 from .pipeline import Compression, ImageFeatures
 from .spec import MethodSpec, format_spec, parse_spec
 
@@ -20,5 +20,5 @@ def method_names() -> list[str]:
     return METHODS.names()
 
 
-__all__ = ["METHODS", "Compression", "ImageFeatures", "KVPolicy", "LayerHook", "LayerState", "MethodSpec",
+__all__ = ["BUDGET_PARAMS", "METHODS", "register", "with_budget", "Compression", "ImageFeatures", "KVPolicy", "LayerHook", "LayerState", "MethodSpec",
            "StageContext", "TokenStage", "ViewResize", "format_spec", "method_names", "parse_spec"]

@@ -16,6 +16,8 @@ needs:
   cls_attention   the tower has a [CLS] token and the stage reads its attention rows (H1 capture)
   attention_rows  the method recomputes attention rows inside the LM (SDPA never returns them)
   text_query      the method reads the text of the prompt (so its choice depends on the question)
+  full_grid       the method needs each image's full patch grid in raster order in the LM (no H2
+                  token stage before it; a resize is fine)
 kv_safe: decisions are taken once at prefill and reused, so generation with and without a KV cache
   gives the same tokens. batch_safe: a row's result does not depend on the other rows of its batch.
 
@@ -34,11 +36,40 @@ from torch import Tensor
 from ..errors import InputError
 from ..registry import Registry
 
-NEEDS = frozenset({"cls_attention", "attention_rows", "text_query"})
+NEEDS = frozenset({"cls_attention", "attention_rows", "text_query", "full_grid"})
 KINDS = ("resize", "stage", "layer", "kv")
 
 # name -> factory(**params) -> a plug-in object (ViewResize | TokenStage | LayerHook | KVPolicy)
 METHODS: Registry[Callable[..., Any]] = Registry("compression method")
+# name -> the parameter that sets its token budget as a ratio in (0, 1] (None: no single budget knob).
+# Budget-matched evaluation (`--keep 1,0.5,...`) sets it.
+BUDGET_PARAMS: dict[str, str | None] = {}
+
+
+def register(name: str, budget: str | None = "keep") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a method factory under `name`; `budget` names its ratio budget parameter (or None)."""
+
+    def deco(factory: Callable[..., Any]) -> Callable[..., Any]:
+        METHODS.add(name, factory)
+        BUDGET_PARAMS[name] = budget
+        return factory
+
+    return deco
+
+
+def with_budget(spec: str, ratio: float) -> str:
+    """`spec` (one method, e.g. "fastv:layer=2") with its budget parameter set to `ratio`:
+    with_budget("fastv:layer=2", 0.1) -> "fastv:layer=2:keep=0.1". Methods without a budget are unchanged."""
+    from .spec import parse_spec
+
+    (m,) = parse_spec(spec)
+    METHODS.get(m.name)  # unknown names fail here, listing the valid ones
+    key = BUDGET_PARAMS.get(m.name)
+    if key is None:
+        return str(m)
+    params = {k: v for k, v in m.params.items() if k not in (key, "count")}
+    params[key] = ratio
+    return str(type(m)(m.name, params))
 
 
 # ----------------------------------------------------------------------------- contexts

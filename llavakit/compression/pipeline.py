@@ -93,6 +93,9 @@ class Compression:
             if "cls_attention" in p.needs and not model.vision_tower.has_cls:
                 raise InputError(f"{m.name} needs a [CLS] token in the vision tower; "
                                  f"{cfg.vision.family} has none")
+            if "full_grid" in p.needs and self.stages:
+                raise InputError(f"impossible composition {self.spec!r}: {m.name} needs each image's full "
+                                 f"patch grid in the LM, but a pre-LLM token stage comes before it")
         seen: dict[int, str] = {}
         n_layers = cfg.lm.num_hidden_layers
         for p, m in zip(self.plugins, self.methods):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..compression.base import METHODS, LayerState, check_params, resolve_keep
+from ..compression.base import register, LayerState, check_params, resolve_keep
 from ..errors import InputError
 
 
@@ -59,7 +59,7 @@ class FastV:
         return keep
 
 
-@METHODS.register("fastv")
+@register("fastv", budget="keep")
 def _build(**params: Any) -> FastV:
     check_params("fastv", params, ("layer", "keep", "count"))
     return FastV(**params)

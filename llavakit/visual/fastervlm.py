@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..compression.base import METHODS, StageContext, check_params, gather_tokens, resolve_keep, topk_in_order
+from ..compression.base import register, StageContext, check_params, gather_tokens, resolve_keep, topk_in_order
 
 
 class FasterVLM:
@@ -44,7 +44,7 @@ class FasterVLM:
         return gather_tokens(tokens, positions, idx)
 
 
-@METHODS.register("fastervlm")
+@register("fastervlm", budget="keep")
 def _build(**params: Any) -> FasterVLM:
     check_params("fastervlm", params, ("keep", "count"))
     return FasterVLM(**params)
