@@ -196,13 +196,29 @@ class VLM:
             stop_flag.set()
 
     # ------------------------------------------------------------------ cost and export
-    def cost(self, prompt_tokens: int, new_tokens: int = 0, image_sizes: Sequence[tuple[int, int]] = ()) -> cost_mod.RequestCost:
+    def cost(self, prompt_tokens: int, new_tokens: int = 0, image_sizes: Sequence[tuple[int, int]] = (),
+             compression: Any = "default") -> cost_mod.RequestCost:
         """Analytic cost of a request with `prompt_tokens` text tokens and images of `image_sizes` (h, w).
 
         `image_sizes` are what `model.num_image_tokens` takes: for anyres models the original image
         sizes, for fixed-resolution models the preprocessed view sizes (`pixel_values.shape[-2:]`;
-        default view: `config.input_size`).
+        default view: `config.input_size`). `compression`: a spec (default: the instance's own); the
+        cost then follows its token counts per stage and per LM layer.
         """
+        comp = self.resolve_compression(compression)
+        if comp is not None and image_sizes:
+            model = self.model
+            per_stage: dict[str, int] = {}
+            for s in image_sizes:
+                for k, v in comp.visual_tokens_per_stage(model, s).items():
+                    per_stage[k] = per_stage.get(k, 0) + v
+            visual = sum(comp.num_image_tokens(model, s) for s in image_sizes)
+            vh, vw = comp.view_size(model, tuple(image_sizes[0]))
+            patch = self.config.vision.patch_size
+            return cost_mod.request_cost(
+                self.config, num_views=len(image_sizes), visual_tokens=visual, text_tokens=prompt_tokens,
+                new_tokens=new_tokens, visual_tokens_per_stage=per_stage, view_grid=(vh // patch, vw // patch),
+                tokens_per_layer=comp.tokens_per_layer(model, visual, prompt_tokens))
         visual = sum(self.model.num_image_tokens(s) for s in image_sizes)
         views = sum(self.model._num_views(s) if self.config.is_anyres else 1 for s in image_sizes)
         return cost_mod.request_cost(self.config, num_views=views, visual_tokens=visual,

@@ -245,7 +245,7 @@ def _visual_stages(config: VLMConfig, given: Mapping[str, int], views: int, visu
 def request_cost(config: VLMConfig, *, visual_tokens_per_stage: Mapping[str, int] | None = None,
                  num_views: int = 1, visual_tokens: int, text_tokens: int, new_tokens: int,
                  dtype_bytes: int = 2, tokens_per_layer: Sequence[int] | None = None,
-                 prefill_logits_all: bool = False) -> RequestCost:
+                 prefill_logits_all: bool = False, view_grid: tuple[int, int] | None = None) -> RequestCost:
     """Cost of one request: `num_views` tower views, `visual_tokens` + `text_tokens` prompt, `new_tokens` out.
 
     `visual_tokens_per_stage`: counts after intermediate stages (e.g. {"fasterv": 64}), inserted between
@@ -253,6 +253,8 @@ def request_cost(config: VLMConfig, *, visual_tokens_per_stage: Mapping[str, int
     input; defaults to `visual_tokens`, pass it when a resampler or added separators make it differ).
     "llm" is always `visual_tokens`. `tokens_per_layer`: positions each LM layer processes in prefill
     (in-LLM pruning); default every layer sees visual + text. Its KV cache and decode context follow it.
+    `view_grid`: the tower's patch grid (rows, cols) per view when it differs from the configured one
+    (a downsampling resize).
     """
     lc = config.lm
     v, t = _count("visual_tokens", visual_tokens), _count("text_tokens", text_tokens)
@@ -272,7 +274,8 @@ def request_cost(config: VLMConfig, *, visual_tokens_per_stage: Mapping[str, int
         vis = proj = 0
     else:
         stages = _visual_stages(config, visual_tokens_per_stage or {}, views, v)
-        vis = vision_flops(config.vision, views, vision_layers_run(config), grid=config.view_grid)
+        vis = vision_flops(config.vision, views, vision_layers_run(config),
+                           grid=config.view_grid if view_grid is None else view_grid)
         proj = projector_flops(config.projector, stages["projector"])
     prefill = tuple(lm_layer_prefill_flops(lc, k) for k in per_layer_tokens)
     head = lm_head_flops(lc, prompt if prefill_logits_all else 1)
