@@ -91,7 +91,7 @@ def cmd_convert(model: str, out: str, dtype: str | None) -> int:
 
 def cmd_eval(model: str, tasks: str, limit: int | None, batch_size: int, max_new_tokens: int, seed: int,
              shuffled_control: bool, out: str | None, compression: str | None, dtype: str | None,
-             progress: bool) -> int:
+             progress: bool, keep: str | None = None) -> int:
     import time
     from pathlib import Path
 
@@ -101,12 +101,38 @@ def cmd_eval(model: str, tasks: str, limit: int | None, batch_size: int, max_new
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     resolved = resolve_tasks(names)  # unknown names fail here, before the model loads
+    if keep is not None:
+        from .eval.grid import plan_grid
+
+        if not compression:
+            raise InputError("--keep needs --compression with the methods to run at each keep ratio, "
+                             "e.g. --compression fastervlm,fastv:layer=2 --keep 1,0.5,0.1")
+        if shuffled_control:
+            raise InputError("--shuffled-control is not available with --keep (the grid compares configs on the "
+                             "real images); run it on a single spec without --keep")
+        plan_grid(compression, keep)  # unknown methods, bad parameters, bad ratios: before the model loads
+    elif compression is not None:
+        from .compression import Compression
+
+        Compression.parse(compression)  # a bad spec fails before the model loads
     vlm = load(model, dtype=dtype)
-    results = evaluate(vlm, resolved, limit=limit, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                       shuffled_control=shuffled_control, compression=compression, progress=progress)
     if out is None:
         name = Path(str(model).rstrip("/\\")).name or "model"
         out = str(Path("eval_out") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if keep is not None:
+        from .eval.grid import evaluate_grid, markdown_table as grid_table
+
+        plan_grid(compression, keep, vlm.model)  # checked against the model before any compute
+        grid = evaluate_grid(vlm, resolved, compression, keep, limit=limit, seed=seed, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, progress=progress, out=out)
+        print(grid_table(grid.summary()))
+        print(f"\nwrote {Path(out) / 'grid.json'}, grid.md, pareto_tflops.png, pareto_prefill.png, kept_tokens.png, "
+              f"grid_predictions.jsonl")
+        return 0
+    if compression is not None:
+        vlm.resolve_compression(compression)  # checked against the model before any compute
+    results = evaluate(vlm, resolved, limit=limit, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                       shuffled_control=shuffled_control, compression=compression, progress=progress)
     paths = write_report(results, out)
     print(markdown_table(results))
     print(f"\nwrote {paths['json']}, {paths['markdown'].name}, {paths['plot'].name}, {paths['predictions'].name}")
@@ -229,11 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score every question on another item's image (is the model seeing or guessing?)")
     e.add_argument("--out", default=None, help="output directory (default ./eval_out/<model-name>-<timestamp>)")
     e.add_argument("--compression", default=None,
-                   help="visual-token compression spec (reserved: errors until the model supports it)")
+                   help="visual-token compression: one spec, e.g. fastervlm:keep=0.1 or a composition "
+                        "'[hired:rho=0.2, fastv:layer=2:keep=0.5]'; with --keep, a comma list of methods "
+                        "(each ONE method, fixed params allowed, e.g. fastervlm,fastv:layer=2,random)")
+    e.add_argument("--keep", default=None,
+                   help="budget-matched grid: comma list of keep ratios in (0, 1], e.g. 1,0.5,0.25,0.1; every "
+                        "--compression method runs at each ratio, plus one uncompressed reference; writes "
+                        "grid.json, grid.md and accuracy-vs-cost plots")
     e.add_argument("--dtype", default=None)
     e.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
     e.set_defaults(fn=lambda a: cmd_eval(a.model, a.tasks, a.limit, a.batch_size, a.max_new_tokens, a.seed,
-                                         a.shuffled_control, a.out, a.compression, a.dtype, a.progress))
+                                         a.shuffled_control, a.out, a.compression, a.dtype, a.progress, a.keep))
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat completions, streaming, batching)",
                         description="Serve a model over an OpenAI-compatible API: POST /v1/chat/completions "

@@ -16,8 +16,8 @@ needs:
   cls_attention   the tower has a [CLS] token and the stage reads its attention rows (H1 capture)
   attention_rows  the method recomputes attention rows inside the LM (SDPA never returns them)
   text_query      the method reads the text of the prompt (so its choice depends on the question)
-  full_grid       the method needs each image's full patch grid in raster order in the LM (no H2
-                  token stage before it; a resize is fine)
+  full_grid       the method needs each image's full patch grid in raster order (no H2 token stage
+                  before it; a resize is fine)
 kv_safe: decisions are taken once at prefill and reused, so generation with and without a KV cache
   gives the same tokens. batch_safe: a row's result does not depend on the other rows of its batch.
 
@@ -62,7 +62,10 @@ def with_budget(spec: str, ratio: float) -> str:
     with_budget("fastv:layer=2", 0.1) -> "fastv:layer=2:keep=0.1". Methods without a budget are unchanged."""
     from .spec import parse_spec
 
-    (m,) = parse_spec(spec)
+    parsed = parse_spec(spec)
+    if len(parsed) != 1:
+        raise InputError(f"with_budget takes one method, got {spec!r}")
+    (m,) = parsed
     METHODS.get(m.name)  # unknown names fail here, listing the valid ones
     key = BUDGET_PARAMS.get(m.name)
     if key is None:
@@ -86,6 +89,7 @@ class StageContext:
     cls_attention: Mapping[int, Tensor] = field(default_factory=dict)
     pixel_values: Tensor | None = None
     feature_layer: int = -1  # 0-based number of the vision layer whose output is the selected feature
+    num_layers: int = 0  # layers of the vision tower
 
 
 @dataclass
@@ -170,7 +174,14 @@ class KVPolicy(Protocol):
     batch_safe: bool
 
     def evict(self, layer: int, state: LayerState) -> Tensor | None:
-        """After prefill: (B, S) bool cached positions of `layer` to keep (text always kept); None = all."""
+        """After prefill: (B, S) bool cached positions of `layer` to keep (text always kept); None = all.
+
+        `state` describes layer `layer`'s cached entries after prefill (and after earlier policies):
+        hidden (B, S, D) and position_ids (B, S) are the layer's input at those entries, key_mask /
+        visual (B, S) their real / visual flags, index None; `state.attention_rows(rows)` -> (B, H, R, S)
+        recomputes THIS layer's attention over its cached entries for query positions `rows` (B, R)
+        (the last prompt token is S - 1). Called only after a cached prefill; generation without a
+        cache never evicts."""
         ...
 
 

@@ -89,13 +89,22 @@ class Compression:
         if cfg.is_anyres:
             raise InputError(f"compression is not supported on {cfg.architecture} (anyres) models yet; "
                              f"use a fixed-resolution LLaVA model")
-        for p, m in zip(self.plugins, self.methods):
+        if self.stages and cfg.vision_feature_select_strategy != "default" and model.vision_tower.has_cls:
+            raise InputError(f"compression stages need patch-only visual features; this model also feeds the "
+                             f"[CLS] token (vision_feature_select_strategy={cfg.vision_feature_select_strategy!r})")
+        n_vis = cfg.vision.num_hidden_layers
+        feat_layer = _feature_layer_number(cfg.feature_layers[-1], n_vis)
+        for j, (p, m) in enumerate(zip(self.plugins, self.methods)):
             if "cls_attention" in p.needs and not model.vision_tower.has_cls:
                 raise InputError(f"{m.name} needs a [CLS] token in the vision tower; "
                                  f"{cfg.vision.family} has none")
-            if "full_grid" in p.needs and self.stages:
+            if "full_grid" in p.needs and any(q.kind == "stage" for q in self.plugins[:j]):
                 raise InputError(f"impossible composition {self.spec!r}: {m.name} needs each image's full "
-                                 f"patch grid in the LM, but a pre-LLM token stage comes before it")
+                                 f"patch grid, but a pre-LLM token stage comes before it")
+            if p.kind == "stage":
+                for l in p.cls_layers(feat_layer, n_vis):
+                    if not 0 <= l < n_vis:
+                        raise InputError(f"{m.name}: vision layer {l} is outside the tower's {n_vis} layers")
         seen: dict[int, str] = {}
         n_layers = cfg.lm.num_hidden_layers
         for p, m in zip(self.plugins, self.methods):
@@ -154,7 +163,8 @@ class Compression:
         cls_attention = {l: a[:, :, 0, 1:] if has_cls_col else a[:, :, 0, :] for l, a in attn.items()}  # (N, H, T)
         rows = torch.arange(t, device=feats.device)
         pos = torch.stack([rows // grid[1], rows % grid[1]], dim=-1)[None].expand(n, t, 2).contiguous()  # (N, T, 2)
-        ctx = StageContext(grid=grid, cls_attention=cls_attention, pixel_values=pv, feature_layer=feat_layer)
+        ctx = StageContext(grid=grid, cls_attention=cls_attention, pixel_values=pv, feature_layer=feat_layer,
+                           num_layers=n_layers)
         for s in self.stages:
             want = s.num_out(feats.shape[1])
             feats, pos = s(feats, pos, ctx)
@@ -171,6 +181,10 @@ class Compression:
         from .runner import LMRun
 
         visual = input_ids == model.config.image_token_id  # (B, T)
+        n_layers = model.config.lm.num_hidden_layers
+        for n in visual.sum(1).unique().tolist():  # impossible budgets fail here, before any compute
+            for h in self.layer_hooks:
+                h.visual_schedule(n_layers, int(n))
         return LMRun(self.layer_hooks, self.kv_policies, visual, attention_mask)
 
     def tokens_per_layer(self, model, visual_tokens: int, text_tokens: int) -> list[int]:

@@ -67,6 +67,8 @@ class LMRun:
         first = not self.decisions and not self.layer_masks
         h, prev = x, None
         masks, vis_per_layer = [], []
+        record = cache is not None and bool(self.kv_policies)  # eviction scores each layer's own attention
+        inputs: list[tuple[Tensor, Tensor]] = []  # per layer: (hidden, position ids) entering it
         for i, block in enumerate(lm.layers):
             if i in prune_at:
                 if first:
@@ -90,6 +92,8 @@ class LMRun:
             cos, sin = lm.rotary(pos, h.dtype)
             mask = causal_padding_mask(km, h.shape[1])  # (B, 1, T, T)
             prev = (h, pos, km)
+            if record:
+                inputs.append((h, pos))
             out = None
             for hook in self.layer_hooks:
                 fn = getattr(hook, "block_forward", None)
@@ -103,8 +107,8 @@ class LMRun:
             vis_per_layer.append(visual)
         if first or cache is not None:
             self.layer_masks, self.layer_visual = masks, vis_per_layer
-        if cache is not None and self.kv_policies:
-            self._evict(lm, cache)
+        if record:
+            self._evict(lm, cache, inputs)
         return lm.model.norm(h)
 
     def _decode(self, lm, x: Tensor, position_ids: Tensor | None, cache) -> Tensor:
@@ -130,20 +134,28 @@ class LMRun:
             h = block(h, cos, sin, mask, False, cache, i) if out is None else out
         return lm.model.norm(h)
 
-    def _evict(self, lm, cache) -> None:
+    def _evict(self, lm, cache, inputs: list[tuple[Tensor, Tensor]]) -> None:
+        """Apply the KV policies after a cached prefill. `inputs[i]`: (hidden, position ids) entering
+        layer i, whose positions are exactly layer i's cached entries; the LayerState's
+        `attention_rows` recomputes layer i's OWN attention over them (after any earlier policy's
+        eviction). Generation without a cache never evicts."""
         for i in range(lm.num_layers):
             km, vis = self.layer_masks[i], self.layer_visual[i]
+            h, pos = inputs[i]
             for policy in self.kv_policies:
-                state = LayerState(i, None, None, km, vis, None, None)
+                state = LayerState(i, h, pos, km, vis, None, _rows_fn(lm, i, h, pos, km))
                 keep = policy.evict(i, state)
                 if keep is None:
                     continue
                 keep = (keep.bool() | ~vis) & km
                 idx, valid = _pack_index(keep)
                 cache.compact(i, idx)
+                h = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
+                pos = pos.gather(1, idx)
                 km = valid & km.gather(1, idx)
                 vis = valid & vis.gather(1, idx)
             self.layer_masks[i], self.layer_visual[i] = km, vis
+            inputs[i] = None  # type: ignore[call-overload]  (free the hidden states as we go)
 
 
 def _pack_index(keep: Tensor) -> tuple[Tensor, Tensor]:

@@ -48,8 +48,10 @@ def parse_value(text: str) -> Any:
         return low == "true"
     if low in ("none", "null"):
         return None
-    if "/" in t:  # a list of values, e.g. a searched schedule "1/1/0.5/0.25"
-        return tuple(parse_value(x) for x in t.split("/"))
+    if "/" in t:  # a list of numbers, e.g. a searched schedule "1/1/0.5/0.25"; paths stay strings
+        parts = [parse_value(x) for x in t.split("/")]
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in parts):
+            return tuple(parts)
     return t
 
 

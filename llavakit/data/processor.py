@@ -69,7 +69,11 @@ class Processor:
     # ------------------------------------------------------------------ main entry
     def __call__(self, text: str | Sequence[str] | None = None, images: Any = None,
                  return_tensors: str = "pt", padding_side: str = "left", compression: Any = None) -> dict[str, Tensor]:
-        """`compression`: a `Compression`; each image then gets the placeholder count after its stages."""
+        """`compression`: a spec or a `Compression`; each image then gets the placeholder count after its stages."""
+        if compression is not None and not hasattr(compression, "num_image_tokens"):
+            from ..compression import Compression
+
+            compression = Compression.parse(compression)
         if return_tensors != "pt":
             raise InputError(f"return_tensors={return_tensors!r} is not supported; use 'pt'")
         if text is None:

@@ -312,7 +312,7 @@ def _run_pass(vlm: Any, requests: Sequence[_Request], images: Sequence[Sequence[
         out.predictions.extend(str(p) for p in preds)
         out.new_tokens.extend(counts)
         if stats is not None:
-            stats.extend(_count_prompt(vlm, prompts, imgs))
+            stats.extend(_count_prompt(vlm, prompts, imgs, gen.get("compression")))
         bar.update(len(batch))
     return out
 
@@ -323,12 +323,15 @@ def _count_text_tokens(vlm: Any, text: str) -> int:
     return len(vlm.processor.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
 
 
-def _count_prompt(vlm: Any, prompts: Sequence[Any], imgs: Sequence[list[Any]]) -> list[tuple[int, int, list]]:
-    """(text tokens, visual tokens, image sizes for cost) per prompt, from the model's own processor."""
+def _count_prompt(vlm: Any, prompts: Sequence[Any], imgs: Sequence[list[Any]],
+                  compression: Any = None) -> list[tuple[int, int, list]]:
+    """(text tokens, visual tokens, image sizes for cost) per prompt, from the model's own processor
+    (with the run's compression, so visual tokens are those the LM receives)."""
     proc = vlm.processor
     texts = [vlm.build_prompt(p, im) for p, im in zip(prompts, imgs)]
     flat = [x for im in imgs for x in im]
-    inputs = proc(text=texts, images=flat or None)
+    kw = {"compression": compression} if compression is not None else {}
+    inputs = proc(text=texts, images=flat or None, **kw)
     ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
     tok = proc.image_token_id
     visual = ((ids == tok) & mask).sum(1).tolist() if tok is not None else [0] * len(texts)

@@ -80,7 +80,7 @@ def test_eval_bad_task_and_compression(model_dir, tmp_path, capsys):
     assert "valid names" in capsys.readouterr().err
     assert main(["eval", "--model", str(model_dir), "--tasks", "world-colour", "--limit", "1",
                  "--compression", "fastv:0.5", "--out", str(tmp_path)]) == 2
-    assert "compression is not available yet" in capsys.readouterr().err
+    assert "bad compression parameter" in capsys.readouterr().err
 
 
 def test_chat_session_multi_turn_and_bad_input(model_dir, tmp_path):

@@ -222,8 +222,8 @@ def test_unknown_task_lists_valid_names(tiny_vlm):
         evaluate(tiny_vlm, ["easyvqa", "no-such-task"], progress=False)
 
 
-def test_compression_is_refused_until_supported(tiny_vlm):
-    with pytest.raises(InputError, match="compression is not available yet"):
+def test_malformed_compression_is_refused(tiny_vlm):
+    with pytest.raises(InputError, match="bad compression parameter"):
         evaluate(tiny_vlm, ["world-colour"], limit=1, compression="fastv:0.5", progress=False)
 
 
