@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	# lmms-eval's own requirements would replace the CPU torch: install it bare plus what its evaluation path uses.
 	$(BIN)/python -m pip install -q --no-deps lmms-eval==0.7.3 pytablewriter DataProperty tabledata typepy \
 		mbstrdecoder pathvalidate tcolorpy chardet
-	$(BIN)/python -m pip install -q loguru datasets evaluate sacrebleu jsonlines tenacity python-dotenv
+	# lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed.
+	$(BIN)/python -m pip install -q loguru datasets evaluate sacrebleu jsonlines tenacity python-dotenv 'filelock<4'
 	touch $(STAMP)
 
 demo: setup

@@ -35,7 +35,7 @@ What one task's run does, and how each reported number is defined:
   (`warmup=False` skips it). A VLM whose chat_batch never calls `on_token` gets
   None for both timings and new tokens counted by re-tokenising its answers.
 - `compression`: passed to `chat_batch(compression=...)` (and to `cost`) when they take such a keyword;
-  otherwise `InputError("compression is not available yet ...")`.
+  a model whose chat_batch takes no such keyword (not a llavakit VLM) is refused with an InputError.
 """
 
 from __future__ import annotations
@@ -187,8 +187,8 @@ def _generation_kwargs(vlm: Any, max_new_tokens: int, compression: str | None) -
     cost_kw: dict[str, Any] = {}
     if compression is not None:
         if not _accepts(vlm.chat_batch, "compression"):
-            raise InputError(f"compression is not available yet (got {compression!r}): this model's chat_batch "
-                             f"takes no `compression` option; token compression arrives with a later release")
+            raise InputError(f"compression {compression!r} cannot be applied: this model's chat_batch takes no "
+                             f"`compression` option (it is not a llavakit VLM)")
         gen["compression"] = compression
         if _accepts(vlm.cost, "compression"):
             cost_kw["compression"] = compression

@@ -9,9 +9,13 @@ Model arguments (``--model_args key=value,...``):
 
 - ``source``: what `llavakit.load` takes: "default", a local HF-format directory, or a hub id
   (``pretrained`` is accepted as an alias, the name most lmms-eval models use).
-- ``compression``: visual-token compression spec; "none" (default) keeps every token. Any other value
-  is passed to `chat_batch(compression=...)` when the model takes it and is an error otherwise (llavakit
-  has no compression API yet): never a silent no-op.
+- ``compression``: a visual-token compression spec (`llavakit.compression`), e.g.
+  ``compression=fastervlm:keep=0.1`` or, several methods (brackets keep lmms-eval from splitting at the
+  comma), ``compression=[fastervlm:keep=0.25, fastv:layer=2:keep=0.5]``; "none" (default) keeps every
+  token. It is parsed and checked against the model when the adapter is built (`Compression.parse(spec)
+  .check(model)`: a bad spec is an `InputError` before any request runs) and every `chat_batch` call and
+  every loglikelihood forward runs with it (explicitly: "none" also overrides a default the model was
+  loaded with).
 - ``dtype`` (float32 default, bfloat16, float16, auto), ``device`` (also ``--device``),
   ``batch_size`` (``--batch_size``; requests with equal generation kwargs are batched, left-padded),
   ``max_new_tokens`` (default when a task gives none: 64).
@@ -23,6 +27,10 @@ Generation kwargs from the task: ``until`` -> stop strings (the answer is cut be
 `loglikelihood` scores a continuation after the chat-templated context (with the images): the sum of
 its tokens' log-probabilities and whether greedy decoding would produce exactly those tokens. The
 continuation is tokenized on its own and appended to the context's ids (no merge across the boundary).
+With compression, pre-LLM methods shorten the image tokens as in generation; in-LLM methods (FastV-style)
+prune once over the whole sequence, so text-guided ones rank tokens by the attention of the
+continuation's last token, not of the prompt's (our choice: one forward per request, as lmms-eval's
+loglikelihood does for other models).
 `generate_until_multi_round` is not supported (NotImplementedError). One process only (no accelerate
 data parallelism); videos and audio are refused with a clear error.
 
@@ -33,7 +41,6 @@ the model in-process first: ``python -m llavakit.integrations.lmms_eval --model 
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 from collections import defaultdict
@@ -61,7 +68,7 @@ class LlavakitLMMS(lmms):
 
     is_simple = True
 
-    def __init__(self, source: str = "default", compression: str | None = "none", dtype: str | None = None,
+    def __init__(self, source: str = "default", compression: Any = "none", dtype: str | None = None,
                  device: str | None = None, batch_size: int | str = 1, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  pretrained: str | None = None, max_batch_size: Any = None, vlm: Any = None,
                  **unknown: Any) -> None:
@@ -77,15 +84,15 @@ class LlavakitLMMS(lmms):
         if self.batch_size < 1:
             raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
         self.max_new_tokens = int(max_new_tokens)
+        comp = _parse_compression(compression)  # a bad spec fails before any weight is read
         if vlm is None:
             import llavakit
 
             vlm = llavakit.load(str(pretrained if pretrained is not None else source), dtype=dtype, device=device)
         self.vlm = vlm
-        self.compression = None if compression is None or str(compression).lower() in ("", "none") else str(compression)
-        if self.compression is not None and not _accepts(vlm.chat_batch, "compression"):
-            raise InputError(f"compression is not available yet (got {self.compression!r}): this model's chat_batch "
-                             f"takes no `compression` option; use compression=none")
+        if comp is not None:
+            comp.check(vlm.model)  # what this model cannot do with the spec fails here, before any request
+        self.compression = comp  # a checked `Compression`, or None (off)
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ generation
@@ -151,8 +158,7 @@ class LlavakitLMMS(lmms):
         for name in sorted(set(kw) - IGNORED_QUIETLY - self._warned):
             log.warning("llavakit lmms-eval adapter: ignoring generation kwarg %r=%r", name, kw[name])
             self._warned.add(name)
-        if self.compression is not None:
-            gen["compression"] = self.compression
+        gen["compression"] = self.compression  # None: off, even if the model was loaded with a default
         return gen
 
     def _doc(self, args: tuple) -> Any:
@@ -183,16 +189,20 @@ class LlavakitLMMS(lmms):
         vlm = self.vlm
         if not continuation:
             raise InputError("loglikelihood needs a non-empty continuation")
+        comp = self.compression
         prompt = vlm.build_prompt(context, images)
-        inputs = vlm.processor(text=[prompt], images=images or None)
+        inputs = vlm.processor(text=[prompt], images=images or None, compression=comp)
         ctx = inputs["input_ids"][0]
         cont = torch.tensor(vlm.processor.tokenizer(continuation, add_special_tokens=False)["input_ids"],
                             dtype=ctx.dtype)
         if cont.numel() == 0:
             raise InputError(f"the continuation {continuation!r} tokenizes to nothing")
         ids = torch.cat([ctx, cont])[None]
-        logits = vlm(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs.get("pixel_values"),
-                     image_sizes=inputs.get("image_sizes")).logits[0].float()
+        if comp is None:
+            logits = vlm(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs.get("pixel_values"),
+                         image_sizes=inputs.get("image_sizes")).logits[0].float()
+        else:
+            logits = _compressed_logits(vlm, comp, ids, inputs.get("pixel_values"), inputs.get("image_sizes"))
         n = cont.numel()
         logprobs = torch.log_softmax(logits[-n - 1:-1], dim=-1).cpu()  # positions predicting the continuation
         picked = logprobs.gather(1, cont[:, None]).sum()
@@ -207,11 +217,28 @@ def register() -> None:
     MODEL_REGISTRY_V2.register_manifest(lmms_eval_manifest(), overwrite=True)
 
 
-def _accepts(fn: Callable[..., Any], name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+def _parse_compression(spec: Any) -> Any:
+    """The `compression` model arg -> a `Compression` (not yet checked against a model) or None (off)."""
+    from ..compression import Compression
+
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none")):
+        return None
+    if isinstance(spec, (bool, int, float)):  # lmms-eval turns "true" / "1" into values: never a spec
+        raise InputError(f"compression={spec!r} is not a compression spec; e.g. compression=fastervlm:keep=0.1")
+    return Compression.parse(spec)
+
+
+def _compressed_logits(vlm: Any, comp: Any, ids: torch.Tensor, pixel_values: Any, image_sizes: Any) -> torch.Tensor:
+    """(T', V) fp32 logits of one sequence run with `comp` (pre-LLM stages and in-LLM hooks). In-LLM pruning
+    drops visual positions only, so the text positions at the end (the continuation) keep their places."""
+    model, dev = vlm.model, vlm.device
+    ids = ids.to(dev)
+    mask = torch.ones_like(ids)
+    pv = pixel_values.to(dev) if pixel_values is not None else None
+    embeds = model.embed_inputs(ids, pv, image_sizes, compression=comp)  # (1, T, D)
+    run = comp.lm_run(model, ids, mask)
+    hidden = model.language_model(embeds, attention_mask=mask, run=run)  # (1, T', D)
+    return model.language_model.logits(hidden)[0].float()
 
 
 def _key(gen_kwargs: Any) -> str:

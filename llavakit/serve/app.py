@@ -16,17 +16,27 @@ serving. The `model` field of a request is not checked: whatever it names, the o
 (responses carry the served name).
 
 `usage` = OpenAI's prompt_tokens (text + visual tokens the LM reads), completion_tokens (tokens generated,
-EOS included) and total_tokens, plus `visual_tokens` and `flops` (`VLM.cost(...).total_flops`: analytic,
-multiply-add = 2 FLOPs; image sizes as the processor produced them, i.e. the preprocessed view for
-fixed-resolution models and the original size for anyres ones, which is what `VLM.cost` expects).
+EOS included) and total_tokens, plus llavakit's `visual_tokens` (image tokens in the LM input, after any
+pre-LLM compression), `flops` (`VLM.cost(..., compression=...).total_flops`: analytic, multiply-add = 2
+FLOPs, following the request's compression, in-LLM pruning included; image sizes as the processor produced
+them, i.e. the preprocessed view for fixed-resolution models and the original size for anyres ones, which
+is what `VLM.cost` expects), `visual_tokens_by_stage` (the count after each stage: vision tower, each
+pre-LLM method, projector, LM input) and `compression` (the canonical spec that ran, "none" when off).
 
 Streaming: the job runs alone; the worker's `on_token` hands each token id to the event loop, which
 decodes the tokens so far and sends the part of the text that can no longer change (a trailing U+FFFD,
 a tail that may still become a stop string, and trailing whitespace wait). When generation ends, the rest
 of the answer `chat_batch` returned is sent, so the concatenated deltas equal the non-streamed answer.
 
-`compression` (llavakit extra body field) is passed to `chat_batch` when the model's `chat_batch` takes a
-`compression` argument; otherwise the request is refused with 400 "compression is not available yet".
+Compression: the llavakit extra body field `compression` (openai client: `extra_body={"compression":
+"fastervlm:keep=0.1"}`) is a spec as `llavakit.compression.parse_spec` takes it: a string, a {name: {param:
+value}} mapping or a list of those; "none" turns off a default the model was loaded with. It is parsed and
+checked against the model (`Compression.parse(spec).check(model)`) before the request is queued: a bad spec
+(unknown method, a keep outside (0, 1], an impossible composition, a model that cannot do it) is a 400
+with the `InputError` message and `param: "compression"`. Without the field, the model's own default
+(`llavakit.load(..., compression=...)`) applies. The scheduler batches only requests with the same
+canonical spec, and runs a spec that is not `batch_safe` one request at a time. `GET /health` lists the
+registered methods and the default.
 """
 
 from __future__ import annotations
@@ -34,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import inspect
 import json
 import logging
 import threading
@@ -50,6 +59,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..compression import method_names
 from ..data.templates import IMAGE_TAG
 from ..errors import InputError
 from ..generation.engine import trim_stop
@@ -109,7 +119,8 @@ def create_app(vlm: Any, settings: ServeSettings | None = None) -> FastAPI:
     async def health() -> JSONResponse:
         ok = scheduler.accepting
         body = {"status": "ok" if ok else "shutting_down", "model": state.model_name, "queued": scheduler.queued,
-                "max_queue": settings.max_queue, "busy": scheduler.busy, "stats": dict(scheduler.stats)}
+                "max_queue": settings.max_queue, "busy": scheduler.busy, "stats": dict(scheduler.stats),
+                "compression": {"default": _spec_name(state.default_compression), "methods": method_names()}}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/v1/models")
@@ -145,8 +156,7 @@ class _State:
         self.api_key = settings.resolved_api_key()
         self.model_name = settings.model_name or _default_name(getattr(vlm, "source", ""))
         self.created = int(time.time())
-        self.compression_ok = _accepts(vlm.chat_batch, "compression")
-        self.cost_takes_compression = _accepts(vlm.cost, "compression")
+        self.default_compression = getattr(vlm, "compression", None)  # a `Compression` from llavakit.load, or None
         self.context = int(vlm.config.lm.max_position_embeddings)
         self.eos = frozenset(vlm.generation_config().eos_token_ids)
         self.prep_lock = threading.Lock()  # one request's processor run at a time (off the event loop)
@@ -170,7 +180,7 @@ class _State:
         gen = self._gen_settings(req)
         messages, images = await self._messages(req.messages)
         prep = await asyncio.to_thread(self._prepare, messages, images, gen.max_new_tokens,
-                                       req.requested_max_tokens is not None)
+                                       req.requested_max_tokens is not None, self._effective(gen))
         if prep["max_new_tokens"] != gen.max_new_tokens:
             gen = dataclasses.replace(gen, max_new_tokens=prep["max_new_tokens"])
         if req.stream:
@@ -195,16 +205,33 @@ class _State:
         elif max_tokens > s.max_tokens_limit:
             raise ServeError(f"max_tokens={max_tokens} is more than this server's limit of {s.max_tokens_limit}",
                              400, "max_tokens_too_large", param="max_tokens")
-        compression = None
+        key, plan = None, None  # no field: the model's own default compression
         if req.compression is not None:
-            if not self.compression_ok:
-                raise ServeError(f"compression is not available yet (got {req.compression!r}): this model takes "
-                                 "no visual-token compression option", 400, "compression_unavailable",
-                                 param="compression")
-            compression = (req.compression if isinstance(req.compression, str)
-                           else json.dumps(req.compression, sort_keys=True))
+            plan = self._compression(req.compression)
+            key = _spec_name(plan)
+        effective = plan if req.compression is not None else self.default_compression
         return GenSettings(max_new_tokens=max_tokens, temperature=float(req.temperature), top_p=float(req.top_p),
-                           top_k=req.top_k, stop=req.stop_strings, seed=req.seed, compression=compression)
+                           top_k=req.top_k, stop=req.stop_strings, seed=req.seed, compression=key, plan=plan,
+                           batch_safe=effective is None or bool(effective.batch_safe))
+
+    def _compression(self, spec: Any) -> Any:
+        """The request's spec parsed and checked against the model (None = off); a bad one is a 400."""
+        from ..compression import Compression
+
+        try:
+            plan = Compression.parse(spec)
+            if plan is not None:
+                plan.check(self.vlm.model)
+        except InputError as e:
+            raise ServeError(str(e), 400, "invalid_compression", param="compression") from None
+        except (TypeError, ValueError) as e:  # a method's constructor refusing a parameter it does not type-check
+            raise ServeError(f"bad compression spec {spec!r}: {e}", 400, "invalid_compression",
+                             param="compression") from None
+        return plan
+
+    def _effective(self, gen: GenSettings) -> Any:
+        """The `Compression` a request runs with: its own, or the model's default when it named none."""
+        return self.default_compression if gen.compression is None else gen.plan
 
     async def _messages(self, msgs: list[Message]) -> tuple[list[dict[str, Any]], list[Any]]:
         """OpenAI messages -> llavakit chat messages ({"type": "image"} parts) and decoded images."""
@@ -243,14 +270,15 @@ class _State:
         return out, images
 
     def _prepare(self, messages: list[dict[str, Any]], images: list[Any], max_new_tokens: int,
-                 explicit: bool) -> dict[str, Any]:
-        """Render and process the request once (as chat_batch will): validates it and counts its tokens.
+                 explicit: bool, compression: Any = None) -> dict[str, Any]:
+        """Render and process the request once (as chat_batch will, with the same compression): validates
+        it and counts its tokens (visual tokens after pre-LLM compression).
 
         A request without max_tokens gets `default_max_tokens`, cut to what the context has left."""
         vlm = self.vlm
         with self.prep_lock:
             prompt = vlm.build_prompt(messages, images)
-            inputs = vlm.processor(text=[prompt], images=images or None)
+            inputs = vlm.processor(text=[prompt], images=images or None, compression=compression)
         mask = inputs["attention_mask"][0]
         total = int(mask.sum())
         image_token = getattr(vlm.config, "image_token_id", None) if images else None
@@ -271,15 +299,16 @@ class _State:
                              f"{total + max_new_tokens} positions; the model's context is {self.context}", 400,
                              "context_length_exceeded", param="messages")
         return {"prompt_tokens": total, "visual_tokens": visual, "text_tokens": total - visual, "image_sizes": sizes,
-                "max_new_tokens": max_new_tokens}
+                "max_new_tokens": max_new_tokens, "compression": compression}
 
-    def _usage(self, prep: dict[str, Any], completion: int, compression: str | None = None) -> dict[str, Any]:
-        kw = {"compression": compression} if compression is not None and self.cost_takes_compression else {}
+    def _usage(self, prep: dict[str, Any], completion: int) -> dict[str, Any]:
+        comp = prep["compression"]
         cost = self.vlm.cost(prompt_tokens=prep["text_tokens"], new_tokens=completion,
-                             image_sizes=prep["image_sizes"], **kw)
+                             image_sizes=prep["image_sizes"], compression=comp)
         return {"prompt_tokens": prep["prompt_tokens"], "completion_tokens": completion,
                 "total_tokens": prep["prompt_tokens"] + completion, "visual_tokens": prep["visual_tokens"],
-                "flops": int(cost.total_flops)}
+                "flops": int(cost.total_flops), "visual_tokens_by_stage": dict(cost.visual_tokens),
+                "compression": _spec_name(comp)}
 
     def _completion_body(self, r: JobResult, prep: dict[str, Any]) -> dict[str, Any]:
         return {"id": _new_id(), "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
@@ -474,11 +503,9 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
         pass
 
 
-def _accepts(fn: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+def _spec_name(compression: Any) -> str:
+    """The canonical spec of a `Compression` ("none" for None)."""
+    return "none" if compression is None else compression.spec
 
 
 def _default_name(source: str) -> str:

@@ -11,8 +11,13 @@ Which jobs never share a batch:
 - streaming jobs run alone (their tokens feed one client as they are chosen);
 - seeded sampling (temperature > 0 with a seed) runs alone: a seed names one random stream, and rows
   of a batch draw from a shared generator, so batch-mates would change the answer;
+- compression that is not `batch_safe` (a row's result could depend on its batch-mates) runs alone,
+  one row per `chat_batch` call;
 - different max_tokens / temperature / top_p / top_k / stop / compression. For greedy requests
-  (temperature 0) top_p, top_k and seed do not change the answer and are left out of the key.
+  (temperature 0) top_p, top_k and seed do not change the answer and are left out of the key. Batches
+  are therefore homogeneous in compression: every row of a `chat_batch` call has the same spec (the
+  canonical string of the parsed spec is the key, so "fastervlm:keep=0.10" and {"fastervlm": {"keep":
+  0.1}} share batches).
 
 If a batch of several jobs fails, each job is retried alone, so one bad request cannot fail others.
 
@@ -78,7 +83,11 @@ class GenSettings:
     top_k: int = 0
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    compression: str | None = None  # a spec string, or a dict spec as canonical JSON
+    # the canonical compression spec ("none" = off; None = the model's own default), the batching key
+    compression: str | None = None
+    # the parsed spec (`llavakit.compression.Compression`) passed to chat_batch; not part of the key
+    plan: Any = field(default=None, compare=False, hash=False, repr=False)
+    batch_safe: bool = True  # False: the compression is not batch-safe, so the request runs alone
 
     @property
     def greedy(self) -> bool:
@@ -86,8 +95,8 @@ class GenSettings:
 
     @property
     def solo(self) -> bool:
-        """Must run alone: seeded sampling (see the module docstring)."""
-        return not self.greedy and self.seed is not None
+        """Must run alone: seeded sampling, or compression that is not batch-safe (see the module docstring)."""
+        return (not self.greedy and self.seed is not None) or not self.batch_safe
 
     def batch_key(self) -> tuple:
         if self.greedy:
@@ -101,14 +110,20 @@ class GenSettings:
             kw.update(top_p=self.top_p, top_k=self.top_k, seed=self.seed)
         if self.stop:
             kw["stop_strings"] = self.stop
-        if self.compression is not None:
+        if self.plan is not None:
+            kw["compression"] = self.plan
+        elif self.compression is not None:
             kw["compression"] = _compression_arg(self.compression)
         return kw
 
 
 def _compression_arg(spec: str) -> Any:
-    if spec.startswith("{"):
-        return json.loads(spec)
+    """A spec string as chat_batch takes it (a JSON list / mapping string is decoded)."""
+    if spec.startswith(("{", "[")):
+        try:
+            return json.loads(spec)
+        except json.JSONDecodeError:  # the bracketed string form, e.g. "[hired:rho=0.2, fastv:layer=2]"
+            pass
     return spec
 
 

@@ -6,7 +6,8 @@ ignored (clients send options such as `user` or `frequency_penalty` freely); opt
 the answer's shape and that llavakit does not implement (`n > 1`, `logprobs`, `tools`) are refused.
 
 Responses are built as plain dicts by `app.py` (`completion_body`, `chunk_body`): they follow OpenAI's
-`chat.completion` / `chat.completion.chunk` objects; `usage` adds `visual_tokens` and `flops`.
+`chat.completion` / `chat.completion.chunk` objects; `usage` adds `visual_tokens`, `flops`,
+`visual_tokens_by_stage` and `compression` (see app.py).
 """
 
 from __future__ import annotations
@@ -82,7 +83,10 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(default=1, ge=1)
     logprobs: bool | None = None
     tools: list[Any] | None = None
-    compression: Union[str, dict[str, Any], None] = None  # llavakit extra: visual-token compression spec
+    # llavakit extra: a visual-token compression spec, as `llavakit.compression.parse_spec` takes it (a string
+    # such as "fastervlm:keep=0.1", a {name: {param: value}} mapping, or a list of those). Any JSON value is
+    # accepted here; app.py parses and checks it against the model (a bad spec: 400 with param "compression").
+    compression: Any = None
 
     @model_validator(mode="after")
     def _supported(self) -> "ChatCompletionRequest":

@@ -2,8 +2,9 @@
 
 Starts `llavakit.serve.web` on 127.0.0.1 (a free port, the tiny random llava checkpoint, served from a
 background thread), uploads llavakit/assets/sample.png, types a question, clicks Submit and reads the
-answer, the visual-token count and the cost off the page; then, on a fresh page, checks the error
-messages for a missing image, a broken file and an empty question. Screenshots land in the test's tmp
+answer, the visual-token count and the cost off the page; picks FasterVLM in the method dropdown, moves
+the budget to 0.25 and reads back fewer kept patches than there are; then, on a fresh page, checks the
+error messages for a missing image, a broken file and an empty question. Screenshots land in the test's tmp
 directory (paths printed with -s).
 
 Needs `/usr/bin/chromium` (apt: chromium) and the `playwright` Python package; never downloads a
@@ -15,6 +16,7 @@ browser (no `playwright install`). Skipped with a reason when either is missing.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -96,6 +98,30 @@ def test_upload_ask_and_read_answer(page, tmp_path):
 
 def _wait_status(pg, text: str) -> None:
     pg.wait_for_function("t => document.querySelector('#status').innerText.includes(t)", arg=text)
+
+
+def test_fastervlm_budget_keeps_fewer_patches(page, tmp_path):
+    """Same page (image and question in place): FasterVLM at 0.25 keeps 4 of the 16 patches."""
+    page.locator("#method input").click()
+    page.locator("[data-testid=dropdown-option]", has_text="fastervlm").first.click()
+    number = page.locator("#budget input[data-testid=number-input]")
+    # picking a method makes the slider movable and moves it off 1.0 (to 0.5); wait for that update to land
+    page.wait_for_function("() => { const i = document.querySelector('#budget input[data-testid=number-input]');"
+                           " return i && !i.disabled && Number(i.value) === 0.5; }")
+    number.fill("0.25")
+    number.press("Tab")
+    page.locator("#submit").click()
+    _wait_status(page, "fastervlm:keep=0.25")
+    status = _status(page)
+    kept, total = (int(x) for x in re.search(r"(\d+) of (\d+) patches kept", status).groups())
+    assert (kept, total) == (4, 16) and kept < total, status
+    assert page.locator("#visual-tokens input").input_value() == "4"
+    cost = page.locator("#cost textarea").input_value()
+    assert "fastervlm 4" in cost and "llm 4" in cost
+    page.wait_for_timeout(500)
+    shot = tmp_path / "web_fastervlm.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"\nstatus: {status}\nscreenshot: {shot}")
 
 
 def test_bad_input_shows_errors(page, tmp_path):

@@ -1,5 +1,6 @@
 """The lmms-eval adapter: real `lmms_eval` Instances in-process, and `python -m lmms_eval --model llavakit`
-end to end on a local task (a YAML + JSON data + PNG images written to tmp_path; no hub, HF_HUB_OFFLINE=1).
+end to end on a local task (a YAML + JSON data + PNG images written to tmp_path; no hub, HF_HUB_OFFLINE=1),
+run with `compression=fastervlm:keep=0.5` so the model arg travels through lmms-eval's parsing to chat_batch.
 
 Skipped when lmms-eval is not installed (`pip install --no-deps lmms-eval` plus the few packages listed
 in docs/lmms_eval.md).
@@ -11,6 +12,7 @@ import glob
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,9 +105,67 @@ def test_loglikelihood_with_doc_to_target(vlm):
     assert lp < 0.0 and isinstance(greedy, bool)
 
 
+def test_generate_until_with_compression_matches_chat(vlm, monkeypatch):
+    spec = "fastervlm:keep=0.5"
+    lm = _adapter(vlm, compression=spec, batch_size=2)
+    assert lm.compression.spec == spec
+    gen = {"max_new_tokens": 4, "temperature": 0, "until": ["\n\n"]}
+    out = lm.generate_until([_request(i, gen) for i in range(3)])
+    docs = _docs()
+    expected = [vlm.chat(d["question"], [d["image"]], max_new_tokens=4, stop=["\n\n"], compression=spec) for d in docs]
+    assert out == expected
+    # the spec really reaches chat_batch: what it runs with is the checked Compression
+    seen = []
+    real = vlm.chat_batch
+
+    def spy(*a, **kw):
+        seen.append(kw.get("compression"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(vlm, "chat_batch", spy)  # instance attribute only; undone after the test
+    lm.generate_until([_request(0, gen)])
+    assert [c.spec for c in seen] == [spec]
+
+
+def test_loglikelihood_with_compression(vlm):
+    spec = "fastervlm:keep=0.5"
+    lm = _adapter(vlm, compression=spec)
+    plain = _adapter(vlm)
+    doc = _docs()[0]
+    first = vlm.chat(doc["question"], [doc["image"]], max_new_tokens=1, compression=spec)  # greedy, compressed
+    req = _request(0, {}, "loglikelihood")
+    req.arguments = (doc["question"], " " + first) + req.arguments[2:]
+    (lp, greedy), = lm.loglikelihood([req])
+    assert greedy and lp <= 0.0  # the compressed model's own greedy word is greedy under compression
+    (lp_plain, _), = plain.loglikelihood([req])
+    assert lp != pytest.approx(lp_plain, abs=1e-6)  # 8 of 16 image tokens: a different model input
+    # in-LLM pruning (FastV) runs in the same forward
+    (lp_fastv, _), = _adapter(vlm, compression="fastv:layer=1:keep=0.5").loglikelihood([req])
+    assert lp_fastv <= 0.0 and lp_fastv != pytest.approx(lp_plain, abs=1e-6)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("magic:keep=0.5", "unknown compression method 'magic'; valid names:"),
+    ("fastervlm:keep=2", "keep must be a ratio in (0, 1], got 2"),
+    ("fastv:0.5", "expected key=value"),
+    ("fastv:layer=9", "outside the LM's 2 layers"),
+    (True, "is not a compression spec"),
+])
+def test_bad_compression_fails_at_construction(vlm, spec, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        LlavakitLMMS(vlm=vlm, compression=spec)
+
+
+def test_bad_compression_fails_before_loading(monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the spec was parsed")
+
+    monkeypatch.setattr(llavakit, "load", no_load)
+    with pytest.raises(InputError, match="unknown compression method"):
+        LlavakitLMMS(source="default", compression="magic:keep=0.5")
+
+
 def test_bad_arguments_are_clear(vlm):
-    with pytest.raises(InputError, match="compression is not available yet"):
-        LlavakitLMMS(vlm=vlm, compression="fastv:0.5")
     with pytest.raises(InputError, match="unknown llavakit model_args colour"):
         LlavakitLMMS(vlm=vlm, colour="red")
     with pytest.raises(InputError, match="'auto' is not supported"):
@@ -125,7 +185,8 @@ def test_compression_none_and_extra_kwargs(vlm, caplog):
     lm = _adapter(vlm, compression="none", batch_size="2", max_new_tokens=3)
     assert lm.compression is None and lm.batch_size == 2
     gen = lm._generation_kwargs({"until": "\n", "image_aspect_ratio": "pad", "frobnicate": 1, "top_p": 0.5})
-    assert gen == {"max_new_tokens": 3, "temperature": 0.0, "stop": ["\n"]}
+    # compression=None is passed explicitly: "none" also turns off a default the model was loaded with
+    assert gen == {"max_new_tokens": 3, "temperature": 0.0, "stop": ["\n"], "compression": None}
     assert "frobnicate" in caplog.text and "image_aspect_ratio" not in caplog.text
 
 
@@ -177,9 +238,13 @@ def doc_to_text(doc):
 """
 
 
+E2E_COMPRESSION = "fastervlm:keep=0.5"  # the end-to-end run goes through the compression path
+
+
 def _expected(vlm, row: dict) -> str:
-    """What llavakit's own chat answers for a task row (the task's generation kwargs)."""
-    return vlm.chat(row["question"], [Image.open(row["image"]).convert("RGB")], max_new_tokens=3, stop=["\n\n"])
+    """What llavakit's own chat answers for a task row (the task's generation kwargs, the run's compression)."""
+    return vlm.chat(row["question"], [Image.open(row["image"]).convert("RGB")], max_new_tokens=3, stop=["\n\n"],
+                    compression=E2E_COMPRESSION)
 
 
 def _write_task(root: Path, vlm) -> tuple[Path, list[dict]]:
@@ -217,7 +282,7 @@ def test_python_m_lmms_eval_end_to_end(model_dir, vlm, tmp_path):
     paths = [p for p in (_entry_point_path(tmp_path), str(REPO), env.get("PYTHONPATH")) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "llavakit",
-           "--model_args", f"source={model_dir},compression=none", "--tasks", "llavakit_toy_vqa",
+           "--model_args", f"source={model_dir},compression={E2E_COMPRESSION}", "--tasks", "llavakit_toy_vqa",
            "--include_path", str(task_dir), "--batch_size", "2", "--output_path", str(out_dir), "--log_samples"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -231,5 +296,9 @@ def test_python_m_lmms_eval_end_to_end(model_dir, vlm, tmp_path):
     for s in samples:  # lmms-eval's answers are exactly what llavakit's chat says for the same request
         resp = s["filtered_resps"]
         assert (resp[0] if isinstance(resp, list) else resp) == _expected(vlm, rows[s["doc_id"]])
+    # ... and the check can tell: without compression at least one answer would differ
+    plain = [vlm.chat(r["question"], [Image.open(r["image"]).convert("RGB")], max_new_tokens=3, stop=["\n\n"])
+             for r in rows]
+    assert plain != [_expected(vlm, r) for r in rows]
     assert sorted(float(s["exact_match"]) for s in samples) == [0.0, 0.0, 1.0]
     assert results["results"]["llavakit_toy_vqa"]["exact_match,none"] == pytest.approx(1 / 3)

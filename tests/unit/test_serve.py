@@ -139,11 +139,77 @@ def test_stream_raw_sse_ends_with_done(server):
     assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
 
 
-def test_compression_is_a_clear_400(client):
+FASTER = "fastervlm:keep=0.25"
+
+
+def test_compression_fewer_visual_tokens_and_flops(client, ref):
+    data = png_bytes(6)
+    msgs = image_message(Q, data_uri(data))
+    plain = client.chat.completions.create(model="m", messages=msgs, max_tokens=4, temperature=0)
+    comp = client.chat.completions.create(model="m", messages=msgs, max_tokens=4, temperature=0,
+                                          extra_body={"compression": FASTER})
+    img = load_image(data)
+    assert comp.choices[0].message.content == ref.chat(as_llavakit(Q, 1), [img], max_new_tokens=4,
+                                                       compression=FASTER)
+    p, c = plain.usage, comp.usage
+    assert (p.visual_tokens, c.visual_tokens) == (16, 4)  # 4x4 patches; FasterVLM keeps round(16 * 0.25)
+    assert p.compression == "none" and c.compression == FASTER
+    assert c.visual_tokens_by_stage == {"vision": 16, "fastervlm": 4, "projector": 4, "llm": 4}
+    assert c.prompt_tokens == p.prompt_tokens - 12
+    text = c.prompt_tokens - c.visual_tokens
+    assert c.flops == ref.cost(text, c.completion_tokens, image_sizes=[(32, 32)], compression=FASTER).total_flops
+    assert c.flops < p.flops
+    # the same spec as a mapping / a list: the same tokens and cost
+    for spec in ({"fastervlm": {"keep": 0.25}}, [FASTER]):
+        again = client.chat.completions.create(model="m", messages=msgs, max_tokens=4, temperature=0,
+                                               extra_body={"compression": spec})
+        assert again.choices[0].message.content == comp.choices[0].message.content
+        assert (again.usage.visual_tokens, again.usage.flops) == (4, c.flops)
+    # streamed: the same answer, and usage follows the compression too
+    chunks = list(client.chat.completions.create(model="m", messages=msgs, max_tokens=4, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 extra_body={"compression": FASTER}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == comp.choices[0].message.content
+    assert (chunks[-1].usage.visual_tokens, chunks[-1].usage.flops) == (4, c.flops)
+
+
+def test_in_llm_compression_cuts_flops_not_input_tokens(client, ref):
+    data = png_bytes(7)
+    msgs = image_message(Q, data_uri(data))
+    spec = "fastv:layer=1:keep=0.5"
+    plain = client.chat.completions.create(model="m", messages=msgs, max_tokens=3, temperature=0)
+    r = client.chat.completions.create(model="m", messages=msgs, max_tokens=3, temperature=0,
+                                       extra_body={"compression": spec})
+    assert r.choices[0].message.content == ref.chat(as_llavakit(Q, 1), [load_image(data)], max_new_tokens=3,
+                                                    compression=spec)
+    assert r.usage.visual_tokens == 16  # FastV prunes inside the LM: the LM input keeps every token
+    text = r.usage.prompt_tokens - 16
+    assert r.usage.flops == ref.cost(text, r.usage.completion_tokens, image_sizes=[(32, 32)],
+                                     compression=spec).total_flops
+    if r.usage.completion_tokens == plain.usage.completion_tokens:
+        assert r.usage.flops < plain.usage.flops
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("magic:keep=0.1", "unknown compression method 'magic'; valid names: "),
+    ("fastervlm:keep=2", "fastervlm: keep must be a ratio in (0, 1], got 2"),
+    ("fastv:0.5", "expected key=value"),
+    ("fastv:layer=7", "outside the LM's 2 layers"),
+    ("fastervlm:keep=0.5:colour=red", "unknown parameter 'colour'"),
+    ({"fastervlm": 0.5}, "must be a mapping"),
+    (5, "a compression spec is a string or a list"),
+])
+def test_bad_compression_is_400_naming_the_param(client, spec, message):
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="m", messages=[{"role": "user", "content": Q}], max_tokens=2,
-                                       extra_body={"compression": "fastv:0.5"})
-    assert e.value.status_code == 400 and "compression is not available yet" in str(e.value)
+        client.chat.completions.create(model="m", messages=image_message(Q, data_uri(png_bytes(1))), max_tokens=2,
+                                       extra_body={"compression": spec})
+    assert e.value.status_code == 400 and message in e.value.body["message"]
+    if spec == "magic:keep=0.1":  # the valid methods are named
+        assert {"fastervlm", "fastv"} <= set(e.value.body["message"].split(": ")[-1].split(", "))
+    assert e.value.body["param"] == "compression" and e.value.body["code"] == "invalid_compression"
+    # the server keeps serving
+    assert client.chat.completions.create(model="m", messages=[{"role": "user", "content": Q}],
+                                          max_tokens=1).choices[0].message.content is not None
 
 
 def test_bad_inputs_are_400_and_server_keeps_serving(client):
@@ -166,6 +232,8 @@ def test_models_and_health(client, server):
     assert [m.id for m in models.data] == ["tiny-llava"]
     health = httpx.get(server.url + "/health", timeout=10)  # no key needed
     assert health.status_code == 200 and health.json()["status"] == "ok"
+    comp = health.json()["compression"]
+    assert comp["default"] == "none" and {"fastervlm", "fastv"} <= set(comp["methods"])
 
 
 def test_auth(server):
@@ -295,6 +363,29 @@ def test_scheduler_groups_compatible_requests():
     assert all(r.completion_tokens == 2 and r.finish_reason == "stop" for r in results)
 
 
+def test_scheduler_keeps_compression_homogeneous_and_runs_unsafe_methods_alone():
+    vlm = StubVLM()
+    sched = Scheduler(vlm, max_batch_size=8, max_wait_ms=50, max_queue=16).start()
+    try:
+        first = sched.submit(_job("first"))
+        assert vlm.entered.wait(10)
+        jobs = [_job("c1", compression="fastervlm:keep=0.25"), _job("plain"),
+                _job("u1", compression="unsafe:keep=0.5", batch_safe=False),
+                _job("c2", compression="fastervlm:keep=0.25"), _job("c3", compression="fastervlm:keep=0.5"),
+                _job("u2", compression="unsafe:keep=0.5", batch_safe=False), _job("off", compression="none")]
+        futures = [sched.submit(j) for j in jobs]
+        vlm.release.set()
+        results = [f.result(10) for f in futures]
+    finally:
+        sched.close()
+    calls = vlm.calls[1:]
+    # groups in arrival order: one batch per spec; a spec that is not batch-safe runs one request per call
+    assert [(n, kw.get("compression")) for n, kw in calls] == [
+        (2, "fastervlm:keep=0.25"), (1, None), (1, "unsafe:keep=0.5"), (1, "fastervlm:keep=0.5"),
+        (1, "unsafe:keep=0.5"), (1, "none")]
+    assert [r.batch_size for r in results] == [2, 1, 1, 2, 1, 1, 1]
+
+
 def test_scheduler_queue_full_and_shutdown_fail_explicitly():
     vlm = StubVLM()
     sched = Scheduler(vlm, max_batch_size=1, max_wait_ms=0, max_queue=2, shutdown_grace_s=0.1).start()
@@ -340,6 +431,28 @@ def test_concurrent_greedy_requests_batch_and_match_single(server, ref):
     stats = server.app.state.scheduler.stats
     assert stats["requests"] - before.get("requests", 0) == 6
     assert max(a["llavakit"]["batch_size"] for a in answers) > 1  # some really shared a batch
+
+
+def test_concurrent_compressed_requests_batch_by_spec_and_match_single(server, ref):
+    """Half the requests ask for FasterVLM: each batch holds one spec, and every answer equals the
+    single in-process answer with the same compression."""
+    datas = [png_bytes(20 + i) for i in range(8)]
+    cases = [(datas[i], FASTER if i % 2 else None) for i in range(8)]
+    expected = [ref.chat(as_llavakit(Q, 1), [load_image(d)], max_new_tokens=5, compression=c) for d, c in cases]
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as http:
+        def ask(case):
+            d, c = case
+            body = {"messages": image_message(Q, data_uri(d)), "max_tokens": 5, "temperature": 0}
+            if c is not None:
+                body["compression"] = c
+            r = http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, cases))
+    assert [a["choices"][0]["message"]["content"] for a in answers] == expected
+    assert [a["usage"]["visual_tokens"] for a in answers] == [16, 4] * 4
+    assert max(a["llavakit"]["batch_size"] for a in answers) > 1
 
 
 def test_cli_serve_starts_answers_and_stops_on_sigint(model_dir):
