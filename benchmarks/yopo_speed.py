@@ -17,7 +17,7 @@ easy-vqa train questions (seed 1) at `--tau`, written to `--heads-out`); with `-
 component alone too, so the saving can be attributed.
 
 Usage (repo root):
-    python benchmarks/yopo_speed.py --calibrate 8 --out docs/yopo_speed.json     # the default model
+    python benchmarks/yopo_speed.py --calibrate 8 --out docs/compression/yopo_speed.json     # the default model
     python benchmarks/yopo_speed.py --model <tiny dir> --reps 2 --components --out /tmp/y.json  # a check
 """
 
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--components", action="store_true", help="also time each component alone")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="docs/yopo_speed.json")
+    ap.add_argument("--out", default="docs/compression/yopo_speed.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
