@@ -54,7 +54,7 @@ class TrainConfig:
     model: str = "default"
     stage: str = "align"
     out_dir: str = "runs/default"
-    init_from: str | None = None  # a previous run's out_dir whose trained weights start this one
+    init_from: str | None = None  # a previous run's out_dir (or its trained .safetensors file) to start from
     data: tuple[DataSource, ...] = ()
     steps: int = 1000
     batch_size: int = 4  # packed sequences per optimizer micro-step

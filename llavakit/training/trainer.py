@@ -83,7 +83,8 @@ class Trainer:
             apply_lora(model.language_model, cfg.lora)
         self.mu = self.sd = None
         if cfg.init_from:
-            self._load_trained(Path(cfg.init_from).expanduser() / TRAINED)
+            src = Path(cfg.init_from).expanduser()
+            self._load_trained(src if src.suffix == ".safetensors" else src / TRAINED)
         self.ds = TurnLabeler(self.vlm.processor)
         self.groups: list[ImageGroup] = []
         sources = []
@@ -124,7 +125,8 @@ class Trainer:
         from safetensors.torch import load_file
 
         if not path.is_file():
-            raise InputError(f"init_from: {path} does not exist (train the previous stage first)")
+            raise InputError(f"init_from: {path} does not exist (train the previous stage first, or name a "
+                             f"trained .safetensors file)")
         state = load_file(str(path))
         self.mu, self.sd = state.pop("feature_mean"), state.pop("feature_std")
         proj = {k[len("multi_modal_projector."):]: v for k, v in state.items() if k.startswith("multi_modal_projector.")}

@@ -77,6 +77,25 @@ def test_train_writes_weights_that_reload(tiny, tmp_path):
                                max_new_tokens=3), str)
 
 
+def test_init_from_continues_from_saved_weights(tiny, tmp_path):
+    for d in "abc":
+        (tmp_path / d).mkdir()
+    first = train(_recipe(tmp_path / "a", tiny, steps=2))
+    for src in (first, first / "trained.safetensors"):  # a run directory or the weights file itself
+        t = Trainer(TrainConfig.from_yaml(_recipe(tmp_path / "b", tiny, steps=2, init_from=str(src))))
+        t.setup()
+        saved = tmp_path / "resaved.safetensors"
+        t.save_trained(saved)  # nothing trained yet: must round-trip the first run's weights exactly
+        from safetensors.torch import load_file
+
+        a, b = load_file(str(first / "trained.safetensors")), load_file(str(saved))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-5), k
+    with pytest.raises(InputError, match="init_from"):
+        Trainer(TrainConfig.from_yaml(_recipe(tmp_path / "c", tiny, init_from=str(tmp_path / "none")))).setup()
+
+
 def test_resume_continues_identically(tiny, tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
