@@ -18,12 +18,13 @@ if TYPE_CHECKING:
     from .api import VLM
 
 
-def load(source: str = "default", dtype: Any = None, device: Any = None, compression: Any = None) -> "VLM":
+def load(source: str = "default", dtype: Any = None, device: Any = None, compression: Any = None,
+         trained: bool = True) -> "VLM":
     """Load a model ("default", a local HF-format directory, or a hub id), optionally with a default
     visual-token compression spec (e.g. "fastervlm:keep=0.1"). See llavakit.loader.load."""
     from .loader import load as _load
 
-    return _load(source, dtype=dtype, device=device, compression=compression)
+    return _load(source, dtype=dtype, device=device, compression=compression, trained=trained)
 
 
 def __getattr__(name: str) -> Any:

@@ -36,15 +36,17 @@ LLAVAKIT_META = "llavakit.json"
 
 
 def load(source: str | os.PathLike = "default", dtype: Any = None, device: Any = None,
-         compression: Any = None) -> VLM:
+         compression: Any = None, trained: bool = True) -> VLM:
     """Load a model: "default", a local HF-format directory, or a hub id. dtype None = float32.
-    `compression`: a compression spec (e.g. "fastervlm:keep=0.1") every call uses unless it passes its own."""
+    `compression`: a compression spec (e.g. "fastervlm:keep=0.1") every call uses unless it passes its own.
+    `trained`: for "default", apply the trained projector + LoRA shipped in the package (False: the
+    untrained assembly, what the training recipe starts from)."""
     from .compression import Compression
 
     comp = Compression.parse(compression)  # a bad spec fails before any weight is read
     path = resolve_source(source)
     vlm = load_dir(path, dtype=dtype, device=device, source=str(source))
-    if str(source) == "default":
+    if str(source) == "default" and trained:
         from .default.build import trained_weights
         from .training.apply import apply_trained
 

@@ -72,7 +72,7 @@ class Trainer:
         cfg = self.cfg
         self.rank, self.world = _dist()
         torch.manual_seed(cfg.seed)
-        self.vlm = llavakit.load(cfg.model)
+        self.vlm = llavakit.load(cfg.model, trained=False)  # "default": the untrained assembly, never the shipped weights
         model = self.model = self.vlm.model
         if not model.config.has_vision:
             raise InputError("training recipes need a vision-language model")

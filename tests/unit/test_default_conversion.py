@@ -385,3 +385,26 @@ def test_marker_of_another_format_version_is_not_complete(tmp_path, fake_build):
     assert build.ensure_default(tmp_path) == path and build.is_complete(path)
     os.remove(path / build.MARKER)
     assert not build.is_complete(path)
+
+
+def test_load_default_applies_shipped_weights_unless_trained_false(built, monkeypatch, tmp_path):
+    """`llavakit.load("default")` applies the trained weights shipped in the package; the training
+    recipe loads with trained=False, so retraining starts from the untrained assembly."""
+    import torch
+    from safetensors.torch import save_file
+
+    import llavakit
+    from llavakit.default import build as build_mod
+
+    monkeypatch.setenv("LLAVAKIT_CACHE", str(built.cache))
+    base = llavakit.load("default", trained=False)
+    proj = {k: v.clone() for k, v in base.model.multi_modal_projector.state_dict().items()}
+    fake = {f"multi_modal_projector.{k}": torch.randn_like(v) for k, v in proj.items()}
+    shipped = tmp_path / "default-trained.safetensors"
+    save_file(fake, str(shipped), metadata={"lora": "null"})
+    monkeypatch.setattr(build_mod, "trained_weights", lambda: shipped)
+    trained = llavakit.load("default")
+    untrained = llavakit.load("default", trained=False)
+    for k, v in proj.items():
+        assert torch.equal(untrained.model.multi_modal_projector.state_dict()[k], v)
+        assert torch.equal(trained.model.multi_modal_projector.state_dict()[k], fake[f"multi_modal_projector.{k}"])
