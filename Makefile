@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml Makefile
 
 demo: setup
 	$(BIN)/llavakit info --model default
-	$(BIN)/llavakit generate --model default --image llavakit/assets/sample.png "What shape is in the image, and what colour is it?"
+	$(BIN)/llavakit generate --model default --image llavakit/assets/sample.png "What shape is in the image? Answer with one word."
+	$(BIN)/llavakit generate --model default --image llavakit/assets/sample.png "What colour is the shape? Answer with one word."
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" -p no:cacheprovider
