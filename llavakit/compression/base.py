@@ -235,3 +235,16 @@ def gather_tokens(tokens: Tensor, positions: Tensor, idx: Tensor) -> tuple[Tenso
     t = tokens.gather(1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
     p = positions.gather(1, idx[..., None].expand(-1, -1, positions.shape[-1]))
     return t, p
+
+
+def keep_top_by_patch_score(tokens: Tensor, positions: Tensor, score: Tensor, grid: tuple[int, int],
+                            k: int) -> tuple[Tensor, Tensor]:
+    """Keep the k tokens with the highest per-patch `score` (N, rows*cols), in raster order.
+
+    If an earlier stage already dropped tokens, each token's score is read at its (row, col) position.
+    tokens (N, T, D), positions (N, T, 2) -> (N, k, D), (N, k, 2).
+    """
+    if score.shape[-1] != tokens.shape[1]:
+        flat = positions[..., 0] * grid[1] + positions[..., 1]  # (N, T)
+        score = score.gather(1, flat)
+    return gather_tokens(tokens, positions, topk_in_order(score, k))

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..compression.base import register, StageContext, check_params, gather_tokens, resolve_keep, topk_in_order
+from ..compression.base import StageContext, check_params, keep_top_by_patch_score, register, resolve_keep
 
 
 class FasterVLM:
@@ -37,11 +37,7 @@ class FasterVLM:
 
     def __call__(self, tokens: Tensor, positions: Tensor, ctx: StageContext) -> tuple[Tensor, Tensor]:
         score = ctx.cls_attention[ctx.feature_layer].mean(1)  # (N, H, T) -> (N, T): head-mean [CLS] attention
-        if score.shape[-1] != tokens.shape[1]:  # an earlier stage already dropped tokens: follow positions
-            flat = positions[..., 0] * ctx.grid[1] + positions[..., 1]  # (N, T)
-            score = score.gather(1, flat)
-        idx = topk_in_order(score, self.num_out(tokens.shape[1]))  # (N, K)
-        return gather_tokens(tokens, positions, idx)
+        return keep_top_by_patch_score(tokens, positions, score, ctx.grid, self.num_out(tokens.shape[1]))
 
 
 @register("fastervlm", budget="keep")

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ..compression.base import StageContext, check_params, check_ratio, gather_tokens, register, topk_in_order
+from ..compression.base import keep_top_by_patch_score, StageContext, check_params, check_ratio, register, topk_in_order
 from ..errors import InputError
 
 Region = tuple[int, int, int, int]  # (row0, row1, col0, col1), half-open, in the whole image's patch grid
@@ -165,11 +165,7 @@ class HiRED:
             raise InputError(f"hired: the [CLS] attention of vision layer {late} was not captured "
                              f"(captured: {sorted(ctx.cls_attention)})")
         score = ctx.cls_attention[late].float().sum(1)  # (N, H, T) -> (N, T): head-summed [CLS] attention
-        if score.shape[-1] != tokens.shape[1]:  # an earlier stage already dropped tokens: follow positions
-            flat = positions[..., 0] * ctx.grid[1] + positions[..., 1]  # (N, T)
-            score = score.gather(1, flat)
-        idx = topk_in_order(score, self.num_out(tokens.shape[1]))  # (N, K)
-        return gather_tokens(tokens, positions, idx)
+        return keep_top_by_patch_score(tokens, positions, score, ctx.grid, self.num_out(tokens.shape[1]))
 
 
 @register("hired", budget="rho")
