@@ -19,10 +19,11 @@ from .errors import InputError
 
 
 def cmd_generate(model: str, prompt: str, images: Sequence[str], max_new_tokens: int, temperature: float,
-                 top_p: float, top_k: int, seed: int | None, dtype: str | None, stream: bool) -> int:
+                 top_p: float, top_k: int, seed: int | None, dtype: str | None, stream: bool,
+                 compression: str | None = None) -> int:
     from . import load
 
-    vlm = load(model, dtype=dtype)
+    vlm = load(model, dtype=dtype, compression=compression)  # a bad spec fails before any weight is read
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     if stream:
         for piece in vlm.stream_chat(prompt, list(images), **kw):
@@ -34,10 +35,10 @@ def cmd_generate(model: str, prompt: str, images: Sequence[str], max_new_tokens:
 
 
 def cmd_info(model: str, image_size: Sequence[int] | None, prompt_tokens: int, new_tokens: int,
-             as_json: bool) -> int:
+             as_json: bool, compression: str | None = None) -> int:
     from . import load
 
-    vlm = load(model)
+    vlm = load(model, compression=compression)
     cfg = vlm.config
     n_params = sum(p.numel() for p in vlm.model.parameters())
     info: dict = {"source": vlm.source, "architecture": cfg.architecture, "parameters": n_params,
@@ -56,7 +57,9 @@ def cmd_info(model: str, image_size: Sequence[int] | None, prompt_tokens: int, n
         info["projector"] = {"kind": cfg.projector.kind, "in": cfg.projector.in_features,
                              "out": cfg.projector.out_features}
         info["image_size"] = [int(h), int(w)]
-        info["visual_tokens_per_image"] = vlm.model.num_image_tokens((int(h), int(w)))
+        info["visual_tokens_per_image"] = vlm.model.num_image_tokens((int(h), int(w)), compression=vlm.compression)
+    if vlm.compression is not None:
+        info["compression"] = vlm.compression.spec
     cost = vlm.cost(prompt_tokens=prompt_tokens, new_tokens=new_tokens, image_sizes=sizes)
     info["request"] = {"text_tokens": prompt_tokens, "new_tokens": new_tokens, "images": len(sizes),
                        **cost.to_dict()}
@@ -73,6 +76,8 @@ def cmd_info(model: str, image_size: Sequence[int] | None, prompt_tokens: int, n
     lm = info["language_model"]
     print(f"language model: {lm['family']}  {lm['layers']} layers x {lm['hidden_size']}  vocab {lm['vocab_size']}  "
           f"({lm['parameters'] / 1e6:.1f} M)")
+    if vlm.compression is not None:
+        print(f"compression:    {info['compression']}")
     if cfg.has_vision:
         print(f"visual tokens:  {info['visual_tokens_per_image']} per {sizes[0][1]}x{sizes[0][0]} px image")
     print(f"one request ({len(sizes)} image, {prompt_tokens} text tokens, {new_tokens} new tokens):")
@@ -139,11 +144,12 @@ def cmd_eval(model: str, tasks: str, limit: int | None, batch_size: int, max_new
     return 0
 
 
-def cmd_chat(model: str, image: str | None, max_new_tokens: int, temperature: float) -> int:
+def cmd_chat(model: str, image: str | None, max_new_tokens: int, temperature: float,
+             compression: str | None = None) -> int:
     from . import load
     from .chat import run
 
-    return run(load(model), image, max_new_tokens=max_new_tokens, temperature=temperature)
+    return run(load(model, compression=compression), image, max_new_tokens=max_new_tokens, temperature=temperature)
 
 
 def cmd_train(config: str, resume: bool, steps: int | None, out_dir: str | None) -> int:
@@ -200,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16, auto")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    g.add_argument("--compression", default=None, help="visual-token compression for every answer, e.g. fastervlm:keep=0.1 (see the README)")
     g.set_defaults(fn=lambda a: cmd_generate(a.model, a.prompt, a.images, a.max_new_tokens, a.temperature,
-                                             a.top_p, a.top_k, a.seed, a.dtype, a.stream))
+                                             a.top_p, a.top_k, a.seed, a.dtype, a.stream, a.compression))
 
     i = sub.add_parser("info", help="architecture, parameters, tokens per image, cost of one request",
                        description="Describe a model and the analytic cost of one request.")
@@ -211,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--prompt-tokens", type=int, default=30, help="text tokens in the request")
     i.add_argument("--new-tokens", type=int, default=32, help="generated tokens in the request")
     i.add_argument("--json", action="store_true", dest="as_json")
-    i.set_defaults(fn=lambda a: cmd_info(a.model, a.image_size, a.prompt_tokens, a.new_tokens, a.as_json))
+    i.add_argument("--compression", default=None, help="count tokens and cost under this compression spec")
+    i.set_defaults(fn=lambda a: cmd_info(a.model, a.image_size, a.prompt_tokens, a.new_tokens, a.as_json,
+                                         a.compression))
 
     c = sub.add_parser("convert", help="export a model to HF format",
                        description="Export a llavakit model as an HF-format directory transformers loads.")
@@ -227,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--image", default=None, help="the first image (switch with /image PATH)")
     ch.add_argument("--max-new-tokens", type=int, default=128)
     ch.add_argument("--temperature", type=float, default=0.0)
-    ch.set_defaults(fn=lambda a: cmd_chat(a.model, a.image, a.max_new_tokens, a.temperature))
+    ch.add_argument("--compression", default=None, help="visual-token compression for every answer, e.g. fastervlm:keep=0.1 (see the README)")
+    ch.set_defaults(fn=lambda a: cmd_chat(a.model, a.image, a.max_new_tokens, a.temperature, a.compression))
 
     t = sub.add_parser("train", help="run a training recipe (YAML config)",
                        description="Run a training recipe: `llavakit train recipes/default-instruct.yaml`. "

@@ -100,3 +100,26 @@ def test_chat_session_multi_turn_and_bad_input(model_dir, tmp_path):
     assert text.count("assistant>") == 3
     assert "error:" in text and "unknown command /frobnicate" in text
     assert "conversation cleared" in text
+
+
+def test_compression_flag_on_info_generate_and_chat(model_dir, tmp_path, capsys):
+    import llavakit
+
+    img = tmp_path / "k.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(img)
+    assert main(["info", "--model", str(model_dir), "--json", "--compression", "pool:count=4"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["visual_tokens_per_image"] == 4 and info["compression"] == "pool:count=4"
+    full = json.loads((main(["info", "--model", str(model_dir), "--json"]), capsys.readouterr().out)[1])
+    assert info["request"]["total_flops"] < full["request"]["total_flops"]
+    # generate --compression answers what the Python API answers with the same spec
+    assert main(["generate", "--model", str(model_dir), "--image", str(img), "--max-new-tokens", "5",
+                 "--compression", "pool:count=4", "what is it ?"]) == 0
+    printed = capsys.readouterr().out.strip()
+    vlm = llavakit.load(str(model_dir))
+    assert printed == vlm.chat("what is it ?", [str(img)], max_new_tokens=5, compression="pool:count=4").strip()
+    # a bad spec is refused with exit code 2 and the valid names, before the model loads
+    for verb in (["generate", "--image", str(img), "what ?"], ["chat"], ["info"]):
+        assert main([verb[0], "--model", str(model_dir), "--compression", "nosuch:keep=2", *verb[1:]]) == 2
+        err = capsys.readouterr().err
+        assert "nosuch" in err and "fastervlm" in err
