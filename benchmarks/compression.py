@@ -109,6 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--dtype", default=None)
     p.add_argument("--skip-grid", action="store_true", help="only the speed measurement")
+    p.add_argument("--skip-speed", action="store_true", help="only the grid (speed.json is left as it is)")
     p.add_argument("--out", default="docs/compression")
     a = p.parse_args(argv)
 
@@ -140,6 +141,9 @@ def main(argv=None) -> int:
         grid = evaluate_grid(vlm, tasks, a.methods, a.keeps, limit=a.limit, seed=a.seed, batch_size=a.batch_size,
                              max_new_tokens=a.max_new_tokens, out=out)
         print(markdown_table(grid.summary()))
+    if a.skip_speed:
+        print(f"wrote {out}/grid.json, grid.md, *.png (speed skipped)")
+        return 0
     image = vlm.processor.load_images([a.speed_image or SAMPLE])[0]
     speed = measure_speed(vlm, image, specs, a.speed_runs, a.max_new_tokens)
     command = " ".join(["python", "benchmarks/compression.py", *(argv if argv is not None else sys.argv[1:])])

@@ -218,7 +218,8 @@ class VLM:
             return cost_mod.request_cost(
                 self.config, num_views=len(image_sizes), visual_tokens=visual, text_tokens=prompt_tokens,
                 new_tokens=new_tokens, visual_tokens_per_stage=per_stage, view_grid=(vh // patch, vw // patch),
-                tokens_per_layer=comp.tokens_per_layer(model, visual, prompt_tokens))
+                tokens_per_layer=comp.tokens_per_layer(model, visual, prompt_tokens),
+                kv_tokens_per_layer=comp.kv_tokens_per_layer(model, visual, prompt_tokens))
         visual = sum(self.model.num_image_tokens(s) for s in image_sizes)
         views = sum(self.model._num_views(s) if self.config.is_anyres else 1 for s in image_sizes)
         return cost_mod.request_cost(self.config, num_views=views, visual_tokens=visual,

@@ -245,7 +245,8 @@ def _visual_stages(config: VLMConfig, given: Mapping[str, int], views: int, visu
 def request_cost(config: VLMConfig, *, visual_tokens_per_stage: Mapping[str, int] | None = None,
                  num_views: int = 1, visual_tokens: int, text_tokens: int, new_tokens: int,
                  dtype_bytes: int = 2, tokens_per_layer: Sequence[int] | None = None,
-                 prefill_logits_all: bool = False, view_grid: tuple[int, int] | None = None) -> RequestCost:
+                 prefill_logits_all: bool = False, view_grid: tuple[int, int] | None = None,
+                 kv_tokens_per_layer: Sequence[int] | None = None) -> RequestCost:
     """Cost of one request: `num_views` tower views, `visual_tokens` + `text_tokens` prompt, `new_tokens` out.
 
     `visual_tokens_per_stage`: counts after intermediate stages (e.g. {"fasterv": 64}), inserted between
@@ -254,7 +255,8 @@ def request_cost(config: VLMConfig, *, visual_tokens_per_stage: Mapping[str, int
     "llm" is always `visual_tokens`. `tokens_per_layer`: positions each LM layer processes in prefill
     (in-LLM pruning); default every layer sees visual + text. Its KV cache and decode context follow it.
     `view_grid`: the tower's patch grid (rows, cols) per view when it differs from the configured one
-    (a downsampling resize).
+    (a downsampling resize). `kv_tokens_per_layer`: positions each layer keeps cached after prefill when
+    a KV policy evicts some (default: `tokens_per_layer`); decode attention and KV bytes follow it.
     """
     lc = config.lm
     v, t = _count("visual_tokens", visual_tokens), _count("text_tokens", text_tokens)
@@ -266,6 +268,12 @@ def request_cost(config: VLMConfig, *, visual_tokens_per_stage: Mapping[str, int
         raise InputError(f"tokens_per_layer has {len(per_layer_tokens)} entries; the LM has {layers} layers")
     for i, k in enumerate(per_layer_tokens):
         _count(f"tokens_per_layer[{i}]", k, 1)
+    kv_tokens = tuple(kv_tokens_per_layer) if kv_tokens_per_layer is not None else per_layer_tokens
+    if len(kv_tokens) != layers:
+        raise InputError(f"kv_tokens_per_layer has {len(kv_tokens)} entries; the LM has {layers} layers")
+    for i, (k, full) in enumerate(zip(kv_tokens, per_layer_tokens)):
+        if _count(f"kv_tokens_per_layer[{i}]", k, 1) > full:
+            raise InputError(f"kv_tokens_per_layer[{i}] = {k} exceeds the {full} positions that layer processes")
 
     if config.architecture == "lm":  # text-only: no tower, no projector
         if v or visual_tokens_per_stage:
@@ -279,11 +287,11 @@ def request_cost(config: VLMConfig, *, visual_tokens_per_stage: Mapping[str, int
         proj = projector_flops(config.projector, stages["projector"])
     prefill = tuple(lm_layer_prefill_flops(lc, k) for k in per_layer_tokens)
     head = lm_head_flops(lc, prompt if prefill_logits_all else 1)
-    # Decode step j (1-based) adds one position to every layer: layer l attends tokens_per_layer[l] + j keys.
+    # Decode step j (1-based) adds one position to every layer: layer l attends kv_tokens[l] + j keys.
     step_const = layers * _lm_linear_flops(lc, 1) + lm_head_flops(lc, 1)
-    cached = sum(per_layer_tokens)
+    cached = sum(kv_tokens)
     decode = tuple(step_const + _lm_attention_flops(lc, cached + layers * j) for j in range(1, n))
-    cached_end = sum(k + max(n - 1, 0) for k in per_layer_tokens)  # positions cached, all layers
+    cached_end = sum(k + max(n - 1, 0) for k in kv_tokens)  # positions cached, all layers
     kv = 2 * lc.num_key_value_heads * lc.dim_head * _count("dtype_bytes", dtype_bytes, 1) * cached_end
     return RequestCost(
         vision_flops=vis, projector_flops=proj, lm_prefill_flops_per_layer=prefill,

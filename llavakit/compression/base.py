@@ -184,6 +184,10 @@ class KVPolicy(Protocol):
         cache never evicts."""
         ...
 
+    def kept_visual(self, layer: int, num_visual: int) -> int:
+        """How many of `num_visual` cached visual entries of `layer` `evict` keeps (for the cost model)."""
+        ...
+
 
 # ----------------------------------------------------------------------------- helpers for methods
 def resolve_keep(name: str, n: int, keep: float | None = None, count: int | None = None,

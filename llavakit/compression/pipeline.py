@@ -196,6 +196,13 @@ class Compression:
             vis = [min(a, b) for a, b in zip(vis, sched)]
         return [v + text_tokens for v in vis]
 
+    def kv_tokens_per_layer(self, model, visual_tokens: int, text_tokens: int) -> list[int]:
+        """Positions each LM layer keeps in its KV cache after prefill (and after KV policies)."""
+        per_layer = self.tokens_per_layer(model, visual_tokens, text_tokens)
+        for p in self.kv_policies:
+            per_layer = [text_tokens + p.kept_visual(layer, n - text_tokens) for layer, n in enumerate(per_layer)]
+        return per_layer
+
 
 def _feature_layer_number(hidden_index: int, num_layers: int) -> int:
     """Hidden-state index (transformers' output_hidden_states; negatives from the end) -> the 0-based

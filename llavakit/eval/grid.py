@@ -28,7 +28,7 @@ batch size, greedy); nothing here re-implements generation or scoring. Per (conf
   time to first token of a batch: preprocessing + vision + projector + LM prefill).
 - kv_cache_bytes: `vlm.cost(...).kv_cache_bytes` (fp16, 2 bytes) at the end of generation for a typical
   request of that config and task: the rounded mean text tokens, images and new tokens measured.
-  KV-cache eviction policies (H6) are not in the analytic count.
+  KV-cache eviction policies (H6) are in the count (`Compression.kv_tokens_per_layer`).
 
 The summary (`GridResult.summary`) averages every numeric column over tasks (mean of the per-task
 values; n is summed). Our choices: the reference and every config see the same items; configs are

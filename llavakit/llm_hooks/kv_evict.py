@@ -46,13 +46,17 @@ class KVEvict:
         return min(num_visual, resolve_keep("kvevict", max(num_visual, self.count or 1), self.keep_ratio,
                                             self.count, default=0.5))
 
+    def kept_visual(self, layer: int, num_visual: int) -> int:
+        """Visual entries of `layer` left after eviction (what `evict` keeps per row)."""
+        return num_visual if layer < self.start or not num_visual else self.n_keep(num_visual)
+
     def evict(self, layer: int, state: LayerState) -> Tensor | None:
         if layer < self.start:
             return None
         vis = state.visual  # (B, S) cached entries of this layer that are visual
         b, s = vis.shape
         n_vis = vis.sum(1).tolist()
-        target = [self.n_keep(int(n)) if n else 0 for n in n_vis]
+        target = [self.kept_visual(layer, int(n)) for n in n_vis]
         if all(k >= n for k, n in zip(target, n_vis)):
             return None
         last = torch.full((b, 1), s - 1, dtype=torch.long, device=vis.device)  # last prompt token (right-aligned)

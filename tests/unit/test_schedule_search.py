@@ -455,3 +455,16 @@ def test_schedule_then_eviction_compose(vlm, images):
     assert [int(v.sum()) for v in run.layer_visual] == [16, 16, 8, 2]
     out, _, _, _ = run_ids(vlm, spec, PROMPTS, images)
     assert out.shape == (3, 6)
+
+
+def test_kvevict_cost_counts_the_evicted_cache(vlm, images):
+    lm, cache, _, ids, _, _, _, _ = _prefill_with_cache(vlm, "kvevict:keep=0.25:start=2", PROMPTS[:1], images[:1])
+    t = ids.shape[1]
+    comp = vlm.resolve_compression("kvevict:keep=0.25:start=2")
+    assert comp.kv_tokens_per_layer(vlm.model, 16, t - 16) == cache.lengths  # the analytic count is the real one
+    full = vlm.cost(prompt_tokens=t - 16, new_tokens=5, image_sizes=[(32, 32)], compression=None)
+    evicted = vlm.cost(prompt_tokens=t - 16, new_tokens=5, image_sizes=[(32, 32)], compression=comp)
+    per_pos = full.kv_cache_bytes // (4 * (t + 4))  # bytes per cached position and layer
+    assert evicted.kv_cache_bytes == per_pos * (sum(cache.lengths) + 4 * 4)
+    assert evicted.lm_prefill_flops == full.lm_prefill_flops  # prefill is unchanged, only decode shrinks
+    assert evicted.decode_flops < full.decode_flops
