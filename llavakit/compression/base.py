@@ -100,6 +100,8 @@ class LayerState:
     visual (B, T) bool visual positions; index (B, T) long: each position's index in the original
     prompt; attention_rows(rows) -> (B, H, R, T) fp32: attention of the previous layer for query
     positions `rows` (B, R) long (recomputed from that layer's q/k; None at layer 0).
+    num_layers: the LM's depth; num_visual (B,) long: each row's visual tokens in the prompt, before any
+    in-LLM pruning (None during decode).
     """
 
     layer: int
@@ -109,6 +111,8 @@ class LayerState:
     visual: Tensor
     index: Tensor
     attention_rows: Callable[[Tensor], Tensor] | None = None
+    num_layers: int = 0
+    num_visual: Tensor | None = None
 
 
 # ----------------------------------------------------------------------------- protocols

@@ -35,6 +35,7 @@ class LMRun:
         b, t0 = visual.shape
         self.prompt_mask = (attention_mask.bool() if attention_mask is not None
                             else torch.ones(b, t0, dtype=torch.bool, device=visual.device))
+        self.num_visual = (self.visual & self.prompt_mask).sum(1)  # (B,) visual tokens per prompt row
         self.decisions: dict[int, Tensor] = {}  # layer -> (B, T0) bool keep over prompt positions
         self.layer_masks: list[Tensor] = []  # per layer: (B, L) key mask of the prefill's cached entries
         self.layer_visual: list[Tensor] = []  # per layer: (B, L) which cached entries are visual
@@ -64,6 +65,7 @@ class LMRun:
         visual = torch.cat([self.visual, self.visual.new_zeros(b, t - t0)], dim=1)
         index = torch.arange(t, device=x.device).expand(b, t)
         prune_at = self.prune_at(lm.num_layers)
+        extra = dict(num_layers=lm.num_layers, num_visual=self.num_visual)
         first = not self.decisions and not self.layer_masks
         h, prev = x, None
         masks, vis_per_layer = [], []
@@ -73,7 +75,7 @@ class LMRun:
             if i in prune_at:
                 if first:
                     state = LayerState(i, h, pos, km, visual, index,
-                                       None if prev is None else _rows_fn(lm, i - 1, *prev))
+                                       None if prev is None else _rows_fn(lm, i - 1, *prev), **extra)
                     keep = prune_at[i].keep(state)
                     keep = torch.ones_like(km) if keep is None else keep.bool()
                     if keep.shape != km.shape:
@@ -99,7 +101,7 @@ class LMRun:
                 fn = getattr(hook, "block_forward", None)
                 if fn is not None:
                     out = fn(i, block, h, cos, sin, mask, cache,
-                             LayerState(i, h, pos, km, visual, index), self)
+                             LayerState(i, h, pos, km, visual, index, None, **extra), self)
                     if out is not None:
                         break
             h = block(h, cos, sin, mask, False, cache, i) if out is None else out
@@ -128,7 +130,8 @@ class LMRun:
                 if fn is not None:
                     vis = torch.zeros(b, t, dtype=torch.bool, device=x.device)
                     out = fn(i, block, h, cos, sin, mask, cache,
-                             LayerState(i, h, position_ids.expand(b, t), km[:, -t:], vis, None), self)
+                             LayerState(i, h, position_ids.expand(b, t), km[:, -t:], vis, None, None,
+                                        lm.num_layers), self)
                     if out is not None:
                         break
             h = block(h, cos, sin, mask, False, cache, i) if out is None else out
@@ -143,7 +146,8 @@ class LMRun:
             km, vis = self.layer_masks[i], self.layer_visual[i]
             h, pos = inputs[i]
             for policy in self.kv_policies:
-                state = LayerState(i, h, pos, km, vis, None, _rows_fn(lm, i, h, pos, km))
+                state = LayerState(i, h, pos, km, vis, None, _rows_fn(lm, i, h, pos, km), lm.num_layers,
+                                   self.num_visual)
                 keep = policy.evict(i, state)
                 if keep is None:
                     continue

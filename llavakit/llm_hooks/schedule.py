@@ -94,33 +94,22 @@ class _LayerSchedule:
     batch_safe = True
     name = ""
 
-    def __init__(self) -> None:
-        self._num_layers: int | None = None  # the LM's depth, learnt from prune_layers (see keep)
-
     def ratios(self, num_layers: int) -> list[float]:
         raise NotImplementedError
 
     def prune_layers(self, num_layers: int) -> tuple[int, ...]:
         r = self.ratios(num_layers)
-        self._num_layers = num_layers
         return tuple(l for l in range(1, num_layers) if r[l] < r[l - 1])
 
     def visual_schedule(self, num_layers: int, num_visual: int) -> list[int]:
         return [keep_count(r, num_visual) for r in self.ratios(num_layers)]
 
     def keep(self, state: LayerState) -> Tensor | None:
-        # The runner calls prune_layers(L) for the model before any keep(); the depth is needed
-        # only by P-Sigmoid's default l0 = L / 2 (LayerState does not carry L).
-        if self._num_layers is None:
-            raise RuntimeError(f"{self.name}: keep() called before prune_layers(num_layers)")
-        ratio = self.ratios(self._num_layers)[state.layer]
+        ratio = self.ratios(state.num_layers)[state.layer]
         vis = state.visual  # (B, T)
         b, t = vis.shape
         n_now = vis.sum(1)  # (B,) visual tokens entering this layer
-        # original visual count = survivors + positions dropped so far (only visual ones are dropped);
-        # real prompt length = last position id + 1 (1-D ids count real tokens from 0, left padding)
-        n_orig = n_now + (state.position_ids[:, -1] + 1 - state.key_mask.sum(1))
-        target = [keep_count(ratio, int(n)) for n in n_orig.tolist()]
+        target = [keep_count(ratio, int(n)) for n in state.num_visual.tolist()]  # of the prompt's visual tokens
         if all(k >= int(n) for k, n in zip(target, n_now.tolist())):
             return None
         if state.attention_rows is None:
@@ -152,7 +141,6 @@ class GSearch(_LayerSchedule):
     name = "gsearch"
 
     def __init__(self, ratios: Sequence[float]) -> None:
-        super().__init__()
         self.schedule = check_schedule("gsearch", ratios)
 
     def ratios(self, num_layers: int) -> list[float]:
@@ -168,7 +156,6 @@ class PSigmoid(_LayerSchedule):
     name = "psigmoid"
 
     def __init__(self, k: float = 0.5, l0: float | None = None, min_keep: float = 0.0) -> None:
-        super().__init__()
         for key, v, ok in (("k", k, lambda x: x >= 0), ("min_keep", min_keep, lambda x: 0 <= x <= 1)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
                 want = "a number >= 0 (the steepness; 0 = flat 0.5)" if key == "k" else "a ratio in [0, 1]"
