@@ -13,6 +13,8 @@ and a per-generation `LMRun` (H5/H6). Composition rules (ours):
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -185,7 +187,18 @@ class Compression:
         for n in visual.sum(1).unique().tolist():  # impossible budgets fail here, before any compute
             for h in self.layer_hooks:
                 h.visual_schedule(n_layers, int(n))
-        return LMRun(self.layer_hooks, self.kv_policies, visual, attention_mask)
+        return LMRun(self.layer_hooks, self.kv_policies, visual, attention_mask, self.image_side(model))
+
+    def image_side(self, model) -> int | None:
+        """The patch-grid side of every image's tokens in the LM input when they are one full square grid
+        in raster order (fixed-resolution tower, no pre-LLM token stage); None otherwise."""
+        cfg = model.config
+        if not cfg.has_vision or cfg.is_anyres or self.stages:
+            return None
+        side = int(cfg.input_size)
+        n = model.num_image_tokens(self.view_size(model, (side, side)))
+        s = math.isqrt(n)
+        return s if s * s == n else None
 
     def tokens_per_layer(self, model, visual_tokens: int, text_tokens: int) -> list[int]:
         """Positions each LM layer processes in prefill (for `cost.request_cost`)."""

@@ -28,7 +28,7 @@ from .base import LayerState
 
 class LMRun:
     def __init__(self, layer_hooks: Sequence[Any], kv_policies: Sequence[Any], visual: Tensor,
-                 attention_mask: Tensor | None) -> None:
+                 attention_mask: Tensor | None, image_side: int | None = None) -> None:
         self.layer_hooks = list(layer_hooks)
         self.kv_policies = list(kv_policies)
         self.visual = visual.bool()  # (B, T0) visual positions of the prompt
@@ -36,6 +36,7 @@ class LMRun:
         self.prompt_mask = (attention_mask.bool() if attention_mask is not None
                             else torch.ones(b, t0, dtype=torch.bool, device=visual.device))
         self.num_visual = (self.visual & self.prompt_mask).sum(1)  # (B,) visual tokens per prompt row
+        self.image_side = image_side  # each image's patch-grid side when known (Compression.image_side)
         self.decisions: dict[int, Tensor] = {}  # layer -> (B, T0) bool keep over prompt positions
         self.layer_masks: list[Tensor] = []  # per layer: (B, L) key mask of the prefill's cached entries
         self.layer_visual: list[Tensor] = []  # per layer: (B, L) which cached entries are visual

@@ -57,7 +57,8 @@ computed when at least one of its query heads is active; otherwise nothing reads
 Images: each maximal run of visual positions in a prompt is one image whose tokens are its full patch
 grid in raster order (`needs={"full_grid"}`: the pipeline refuses a pre-LLM token stage before this);
 a run must hold a square number of tokens. Images placed back to back with no text between them form
-one run: pass `grid=<side>` to cut runs into side x side images. The window follows each token's
+one run, cut into side x side images: side = `grid=<side>` when given, else the model's own patch grid
+(`Compression.image_side`), else the run's square root. The window follows each token's
 (image, row, col), so it stays right if another hook pruned some visual tokens earlier.
 
 `calibrate(vlm, samples, tau, n)` measures, per layer and query head, rho = attention mass on V /
@@ -226,7 +227,7 @@ class YOPO:
         plan = None
         if self.window:
             if rc.grids is None:
-                rc.grids = _grids(run.visual, self.grid)
+                rc.grids = _grids(run.visual, self.grid or getattr(run, "image_side", None))
             half = min((self.window - 1) // 2, rc.grids.side - 1)
             plan = _window_plan(rc.grids, state.index, vis, half, causal=not self.bidirectional)
         v_idx, v_ok = (plan.v_idx, plan.v_ok) if plan is not None else _pack(vis)

@@ -72,14 +72,14 @@ def _yopo_hidden(vlm, spec, inp, cache=None):
 
 
 def _grid_coords(vis: torch.Tensor):
-    """(B, T) visual flags -> image number, row, col per position (4x4 grids, one per visual run)."""
+    """(B, T) visual flags -> image number, row, col per position (4x4 grids; a run of 32 is two images)."""
     img = torch.full(vis.shape, -1, dtype=torch.long)
     rc = torch.zeros(vis.shape + (2,), dtype=torch.long)
     for b in range(vis.shape[0]):
         k, n = -1, 0
         for t in range(vis.shape[1]):
             if vis[b, t]:
-                if t == 0 or not vis[b, t - 1]:
+                if t == 0 or not vis[b, t - 1] or n == 16:
                     k, n = k + 1, 0
                 img[b, t], rc[b, t] = k, torch.tensor([n // 4, n % 4])
                 n += 1
@@ -409,3 +409,22 @@ def test_bad_inputs_refused_before_compute(vlm, tmp_path):
         yopo._grids(torch.tensor([[True] * 24]), 4)
     g = yopo._grids(torch.tensor([[False] + [True] * 32 + [False]]), 4)  # two images back to back
     assert g.n_img == 2 and g.img[0, 17].item() == 1 and g.row[0, 17].item() == 0
+
+
+def test_back_to_back_images_use_the_models_grid(vlm, images):
+    """Two images with no text between them form one visual run of 32 tokens; the run is cut at the
+    model's own 4x4 grid (Compression.image_side), as with an explicit grid=4."""
+    comp = Compression.parse("yopo:window=3:ffn_ratio=1")
+    assert comp.image_side(vlm.model) == 4
+    assert Compression.parse("downsample:keep=0.25,yopo").image_side(vlm.model) == 2
+    assert Compression.parse("fastv:keep=0.5").image_side(vlm.model) == 4
+    prompt = vlm.build_prompt("<image><image>\ncompare", [images[0], images[1]])
+    inp = vlm.processor(text=[prompt], images=[images[0], images[1]])
+    vis = inp["input_ids"][0] == IMAGE_TOKEN
+    first = int(vis.nonzero()[0])
+    assert bool(vis[first:first + 32].all())  # really back to back
+    got, _ = _yopo_hidden(vlm, "yopo:window=3:ffn_ratio=1", inp)
+    explicit, _ = _yopo_hidden(vlm, "yopo:window=3:ffn_ratio=1:grid=4", inp)
+    torch.testing.assert_close(got, explicit, atol=0, rtol=0)
+    want = reference(vlm, inp, window=3)  # the reference cuts runs every 16 tokens (one 4x4 image each)
+    _close_on_real(got, want, inp["attention_mask"])
