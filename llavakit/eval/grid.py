@@ -251,9 +251,7 @@ def evaluate_grid(vlm: Any, tasks: Sequence[Any], methods: str | Sequence[str], 
     for c in configs:
         res = evaluate(vlm, resolved, limit=limit, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
                        compression=c.spec, progress=progress, warmup=warmup)
-        per_image = _tokens_per_image(vlm, c.spec)
-        predictions[c.label] = tuple({**p, "visual_tokens": per_image * images[p["task"]][p["id"]]}
-                                     for p in res.predictions)  # recounted: see _row
+        predictions[c.label] = tuple(res.predictions)  # visual tokens as the harness counted them
         for r in res.rows:
             preds = [p for p in res.predictions if p["task"] == r.task]
             if c.spec is None:
@@ -287,14 +285,6 @@ def _view(vlm: Any) -> tuple[int, int]:
     return (side, side)  # fixed-resolution models (compression refuses anyres ones)
 
 
-def _tokens_per_image(vlm: Any, spec: str | None) -> int:
-    from ..compression import Compression
-
-    comp = Compression.parse(spec)
-    model = vlm.model
-    return comp.num_image_tokens(model, _view(vlm)) if comp is not None else model.num_image_tokens(_view(vlm))
-
-
 def _row(vlm: Any, c: GridConfig, r: Any, preds: Sequence[Mapping[str, Any]], images: Mapping[str, int],
          reference: Mapping[tuple, str], ref_accuracy: float | None) -> GridRow:
     from ..compression import Compression
@@ -302,16 +292,13 @@ def _row(vlm: Any, c: GridConfig, r: Any, preds: Sequence[Mapping[str, Any]], im
     comp = Compression.parse(c.spec)
     model = vlm.model
     view = _view(vlm)
-    per_image = _tokens_per_image(vlm, c.spec)
     notes = list(r.notes)
     costs, vis_lm, n_images = [], [], []
     cache: dict[tuple[int, int, int], tuple[Any, float]] = {}
     visual = []
     for p in preds:
-        # The harness's text count (prompt minus placeholders) is right; its visual count comes from an
-        # uncompressed processor call, so the visual tokens are recounted here from the item's images.
-        t, k, n = int(p["text_tokens"]), images[p["id"]], int(p["new_tokens"])
-        v = per_image * k
+        # the harness counts text and visual tokens from the processor run with this config's compression
+        t, v, k, n = int(p["text_tokens"]), int(p["visual_tokens"]), images[p["id"]], int(p["new_tokens"])
         if (t, k, n) not in cache:
             cost = vlm.cost(prompt_tokens=t, new_tokens=n, image_sizes=[view] * k, compression=c.spec)
             lm_vis = v
