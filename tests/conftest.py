@@ -24,3 +24,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """tests/tiny_models.py's "llava" checkpoint (4x4 patch grid of 32 px views), built once per session.
+    Read-only: a test that writes a checkpoint builds its own."""
+    from tests.tiny_models import build
+
+    return build("llava", tmp_path_factory.mktemp("tiny-llava"))

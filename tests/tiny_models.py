@@ -126,3 +126,12 @@ def build(kind: str, path: Path) -> Path:
 
 
 KINDS = ["llava", "llava_multilayer", "llava_next", "llava_onevision", "llama", "llama_tied", "qwen2"]
+
+
+def noise_images(n: int, size: int = 32, seed: int = 0) -> list:
+    """`n` RGB noise images (PIL) of `size` x `size`, deterministic in `seed`."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]

@@ -22,10 +22,8 @@ What every method must do (each test says which flag or kind it applies to):
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import llavakit
 from llavakit import InputError
@@ -33,7 +31,7 @@ from llavakit.compression import (BUDGET_PARAMS, Compression, KVPolicy, LayerHoo
                                   method_names, with_budget)
 from llavakit.compression.base import KINDS, NEEDS
 from llavakit.cost import lm_layer_prefill_flops
-from tests.tiny_models import IMAGE_TOKEN, build
+from tests.tiny_models import IMAGE_TOKEN, noise_images
 
 # One spec per registered method, run on the tiny model above (16 visual tokens, 2 LM layers).
 CONTRACT_SPECS = {
@@ -57,8 +55,8 @@ NEW = 5
 
 # ----------------------------------------------------------------------------- fixtures and helpers
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, one_torch_thread):
-    return build("llava", tmp_path_factory.mktemp("llava"))
+def model_dir(tiny_llava_dir, one_torch_thread):
+    return tiny_llava_dir
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +71,7 @@ def vlm_bf16(model_dir):
 
 @pytest.fixture(scope="module")
 def images():
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in PROMPTS]
+    return noise_images(len(PROMPTS))
 
 
 def spec_of(name: str) -> str:

@@ -11,11 +11,9 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 import llavakit
 from llavakit import InputError
@@ -25,15 +23,15 @@ from llavakit.compression import (BUDGET_PARAMS, Compression, MethodSpec, format
 from llavakit.compression.runner import _pack_index
 from llavakit.layers.kv_cache import KVCache
 from llavakit.models.vlm import LlavaModel
-from tests.tiny_models import IMAGE_TOKEN, build
+from tests.tiny_models import IMAGE_TOKEN, build, noise_images
 
 PROMPTS = ["what is in the image ?", "describe the colour and the shape of the image ?", "red"]
 NEW = 5
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, one_torch_thread):
-    return build("llava", tmp_path_factory.mktemp("llava"))
+def model_dir(tiny_llava_dir, one_torch_thread):
+    return tiny_llava_dir
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +41,7 @@ def vlm(model_dir):
 
 @pytest.fixture(scope="module")
 def images():
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in PROMPTS]
+    return noise_images(len(PROMPTS))
 
 
 def prefill(vlm, comp, prompts, images):

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import llavakit
 from llavakit import InputError
@@ -19,7 +17,7 @@ from llavakit.compression.runner import _rows_fn
 from llavakit.generation.engine import generate
 from llavakit.layers.attention import causal_padding_mask
 from llavakit.layers.rope import default_position_ids
-from llavakit.llm_hooks.schedule import PSigmoid, keep_count
+from llavakit.llm_hooks.schedule import PSigmoid
 from tests import tiny_models as tm
 
 LAYERS = 4
@@ -53,8 +51,7 @@ def vlm(model_dir, one_torch_thread):
 
 @pytest.fixture(scope="module")
 def images():
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in PROMPTS]
+    return tm.noise_images(len(PROMPTS))
 
 
 def run_ids(vlm, spec, prompts, imgs, n=6, use_cache=True):

@@ -14,15 +14,14 @@ from llavakit import InputError
 from llavakit.compression import Compression, StageContext, with_budget
 from llavakit.visual.baselines import Downsample, RandomKeep, SpatialPool
 from llavakit.visual.hired import allocate_budget, select_partitions, tile_regions
-from tests.tiny_models import build
 
 SPECS = ["hired", "hired:rho=0.5", "hired:rho=0.5:late_layer=0", "random:keep=0.5", "random:count=5:seed=3",
          "pool:keep=0.25", "pool:count=1", "downsample:keep=0.25", "downsample:count=9"]
 
 
 @pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
-    return build("llava", tmp_path_factory.mktemp("llava"))
+def llava_dir(tiny_llava_dir):
+    return tiny_llava_dir
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import llavakit
@@ -27,7 +26,7 @@ from llavakit.config import LMConfig
 from llavakit.layers.attention import causal_padding_mask, sdpa
 from llavakit.layers.rope import default_position_ids
 from llavakit.llm_hooks import yopo
-from tests.tiny_models import IMAGE_TOKEN, build
+from tests.tiny_models import IMAGE_TOKEN, noise_images
 
 PROMPTS = ["what is in the image ?", "describe the colour and the shape of the image ?", "red"]
 # per layer, per query head (heads 0,1 share K/V head 0; heads 2,3 share K/V head 1):
@@ -36,14 +35,13 @@ HEADS = [[True, True, False, False], [False, True, False, True]]
 
 
 @pytest.fixture(scope="module")
-def vlm(tmp_path_factory, one_torch_thread):
-    return llavakit.load(str(build("llava", tmp_path_factory.mktemp("llava"))))
+def vlm(tiny_llava_dir, one_torch_thread):
+    return llavakit.load(str(tiny_llava_dir))
 
 
 @pytest.fixture(scope="module")
 def images():
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
+    return noise_images(4)
 
 
 @pytest.fixture(scope="module")
