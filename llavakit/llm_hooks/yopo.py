@@ -631,15 +631,9 @@ def _prefill_layer(block, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cac
     if act is None:
         out_t = sdpa(qt, k_all, v_all, mask_t)  # (B, H, Tt, Dh)
     else:
-        inactive = torch.ones(nh, dtype=torch.bool, device=dev)
-        inactive[act] = False
-        ina = inactive.nonzero()[:, 0]
-        out_t = qt.new_empty(b, nh, tt, dh)
-        if act.numel():
-            out_t[:, act] = _attend(qt[:, act], k_all, v_all, kv_of_all[act], mask_t)
         mask_tt = _block(mask, t_idx, t_idx) & t_ok[:, None, None, :]
         mask_tt = mask_tt | ~t_ok[:, None, :, None]  # padding slots of the packing attend anything
-        out_t[:, ina] = _attend(qt[:, ina], kt, vt, kv_of_all[ina], mask_tt)
+        out_t = _text_queries(qt, act, kv_of_all, k_all, v_all, mask_t, kt, vt, mask_tt)
 
     # visual queries (active heads only)
     kv_act = kv_of_all if act is None else kv_of_all[act]
@@ -678,6 +672,22 @@ def _prefill_layer(block, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cac
     return _merge_rows(t, [(ht, t_idx, t_ok), (hv, v_idx, v_ok)])
 
 
+def _text_queries(q: Tensor, act: Tensor, kv_of_all: Tensor, k_all: Tensor, v_all: Tensor, mask_all: Tensor,
+                  kt: Tensor, vt: Tensor, mask_text: Tensor) -> Tensor:
+    """Text queries q (B, H, R, Dh) with some heads inactive: the active heads `act` attend every key
+    (k_all/v_all, mask_all), the inactive ones the text keys only (kt/vt (B, Hkv, Tt, Dh), mask_text).
+    Used by prefill (the text rows) and decode (the new positions). Returns (B, H, R, Dh)."""
+    nh = q.shape[1]
+    inactive = torch.ones(nh, dtype=torch.bool, device=q.device)
+    inactive[act] = False
+    ina = inactive.nonzero()[:, 0]
+    out = q.new_empty(q.shape[0], nh, q.shape[2], v_all.shape[-1])
+    if act.numel():
+        out[:, act] = _attend(q[:, act], k_all, v_all, kv_of_all[act], mask_all)
+    out[:, ina] = _attend(q[:, ina], kt, vt, kv_of_all[ina], mask_text)
+    return out
+
+
 def _decode_layer(block, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache, layer: int,
                   vis_prefill: Tensor, act: Tensor) -> Tensor:
     """Decode through a layer with inactive heads: those attend the cached text entries only.
@@ -699,17 +709,11 @@ def _decode_layer(block, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | Non
         mask = torch.ones(b, 1, t, s, dtype=torch.bool, device=dev)
     mask = mask.expand(b, 1, t, s)
     vis = torch.cat([vis_prefill, vis_prefill.new_zeros(b, s - vis_prefill.shape[1])], dim=1)  # (B, S)
-    inactive = torch.ones(nh, dtype=torch.bool, device=dev)
-    inactive[act] = False
-    ina = inactive.nonzero()[:, 0]
-    out = q.new_empty(b, nh, t, dh)
-    if act.numel():
-        out[:, act] = _attend(q[:, act], k_all, v_all, kv_of_all[act], mask)
     t_idx, t_ok = _pack(~vis)  # (B, St) the cached text entries
     kt = _rows(k_all.transpose(1, 2), t_idx).transpose(1, 2)  # (B, Hkv, St, Dh)
     vt = _rows(v_all.transpose(1, 2), t_idx).transpose(1, 2)
     m = mask.gather(3, t_idx[:, None, None, :].expand(b, 1, t, t_idx.shape[1])) & t_ok[:, None, None, :]
-    out[:, ina] = _attend(q[:, ina], kt, vt, kv_of_all[ina], m)
+    out = _text_queries(q, act, kv_of_all, k_all, v_all, mask, kt, vt, m)
     x = h + attn.o_proj(out.transpose(1, 2).reshape(b, t, nh * dh))
     return x + block.mlp(block.post_attention_layernorm(x))
 
