@@ -190,6 +190,9 @@ def cmd_web(model: str, host: str, port: int, dtype: str | None, max_new_tokens:
     return 0
 
 
+COMPRESSION_HELP = "visual-token compression for every answer, e.g. fastervlm:keep=0.1 (see the README)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llavakit", description="LLaVA-family models: run, inspect, convert.")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -206,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16, auto")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    g.add_argument("--compression", default=None, help="visual-token compression for every answer, e.g. fastervlm:keep=0.1 (see the README)")
+    g.add_argument("--compression", default=None, help=COMPRESSION_HELP)
     g.set_defaults(fn=lambda a: cmd_generate(a.model, a.prompt, a.images, a.max_new_tokens, a.temperature,
                                              a.top_p, a.top_k, a.seed, a.dtype, a.stream, a.compression))
 
@@ -236,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--image", default=None, help="the first image (switch with /image PATH)")
     ch.add_argument("--max-new-tokens", type=int, default=128)
     ch.add_argument("--temperature", type=float, default=0.0)
-    ch.add_argument("--compression", default=None, help="visual-token compression for every answer, e.g. fastervlm:keep=0.1 (see the README)")
+    ch.add_argument("--compression", default=None, help=COMPRESSION_HELP)
     ch.set_defaults(fn=lambda a: cmd_chat(a.model, a.image, a.max_new_tokens, a.temperature, a.compression))
 
     t = sub.add_parser("train", help="run a training recipe (YAML config)",
