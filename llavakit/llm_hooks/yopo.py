@@ -227,7 +227,7 @@ class YOPO:
         plan = None
         if self.window:
             if rc.grids is None:
-                rc.grids = _grids(run.visual, self.grid or getattr(run, "image_side", None))
+                rc.grids = _grids(run.visual, self.grid or run.image_side)
             half = min((self.window - 1) // 2, rc.grids.side - 1)
             plan = _window_plan(rc.grids, state.index, vis, half, causal=not self.bidirectional)
         v_idx, v_ok = (plan.v_idx, plan.v_ok) if plan is not None else _pack(vis)

@@ -44,7 +44,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ..compression.base import keep_top_by_patch_score, StageContext, check_params, check_ratio, register, topk_in_order
+from ..compression.base import (StageContext, check_params, check_ratio, keep_top_by_patch_score, register,
+                                topk_in_order)
 from ..errors import InputError
 
 Region = tuple[int, int, int, int]  # (row0, row1, col0, col1), half-open, in the whole image's patch grid
