@@ -7,7 +7,8 @@ speed.json} in one run:
    model, then every method of `--methods` at every ratio of `--keeps`, on `--tasks` (default easyvqa and
    the four world question tasks), `--limit` items per task, greedy, batch `--batch-size`. See
    llavakit/eval/grid.py for every column's definition.
-2. Speed (batch 1, the shipped sample image, one short question; torch.inference_mode), for
+2. Speed (batch `--speed-batch`, default 1: copies of the shipped sample image and one short question;
+   torch.inference_mode), for
    `--speed-method` (default fastervlm) at each of `--speed-keeps` (default 1.0 and 0.1) and uncompressed:
    - preprocess_s: the processor (image resize/normalise, tokenisation, placeholder expansion);
    - vision_s: tower + token stage + projector + embedding assembly (`embed_inputs`);
@@ -43,36 +44,37 @@ SPEED_PROMPT = "What shape is in the image, and what colour is it? Answer with o
 
 
 @torch.inference_mode()
-def speed_once(vlm, image, spec, prompt: str) -> dict[str, float]:
-    """One timed pass of each phase (see the module docstring) for one request."""
+def speed_once(vlm, image, spec, prompt: str, batch: int = 1) -> dict[str, float]:
+    """One timed pass of each phase (see the module docstring) for `batch` copies of one request."""
     comp = vlm.resolve_compression(spec)
     model, lm = vlm.model, vlm.model.language_model
     t0 = time.perf_counter()
-    inputs = vlm.processor(text=[vlm.build_prompt(prompt, [image])], images=[image], compression=comp)
+    inputs = vlm.processor(text=[vlm.build_prompt(prompt, [image])] * batch, images=[image] * batch,
+                           compression=comp)
     t1 = time.perf_counter()
     ids = inputs["input_ids"].to(vlm.device)
     embeds = model.embed_inputs(ids, inputs["pixel_values"].to(vlm.device, vlm.dtype), compression=comp)
     t2 = time.perf_counter()
     run = comp.lm_run(model, ids, None) if comp is not None else None
-    cache = lm.new_cache(1, ids.shape[1] + 1, dtype=embeds.dtype, device=embeds.device)
+    cache = lm.new_cache(batch, ids.shape[1] + 1, dtype=embeds.dtype, device=embeds.device)
     hidden = lm(embeds, None, None, cache, run=run)
     lm.logits(hidden[:, -1:]).argmax(-1)
     t3 = time.perf_counter()
     stamps: list[float] = []
     t4 = time.perf_counter()
-    vlm.chat_batch([prompt], [[image]], compression=spec, max_new_tokens=1, temperature=0.0,
+    vlm.chat_batch([prompt] * batch, [[image]] * batch, compression=spec, max_new_tokens=1, temperature=0.0,
                    on_token=lambda _r, _t: stamps.append(time.perf_counter()))
     return {"preprocess_s": t1 - t0, "vision_s": t2 - t1, "lm_prefill_s": t3 - t2, "ttft_s": stamps[0] - t4,
-            "visual_tokens": int((ids == model.config.image_token_id).sum()), "prompt_tokens": int(ids.shape[1])}
+            "visual_tokens": int((ids[0] == model.config.image_token_id).sum()), "prompt_tokens": int(ids.shape[1])}
 
 
 def measure_speed(vlm, image, specs: dict[str, str | None], runs: int, new_tokens: int,
-                  prompt: str = SPEED_PROMPT) -> dict:
+                  prompt: str = SPEED_PROMPT, batch: int = 1) -> dict:
     """{label: {median/min of each phase, visual tokens, KV bytes}} for each spec (None = uncompressed)."""
     samples: dict[str, list[dict]] = {k: [] for k in specs}
     for i in range(runs + 2):
         for label, spec in specs.items():
-            s = speed_once(vlm, image, spec, prompt)
+            s = speed_once(vlm, image, spec, prompt, batch)
             if i >= 2:  # two warm-up runs
                 samples[label].append(s)
     out = {}
@@ -105,6 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--speed-method", default="fastervlm")
     p.add_argument("--speed-keeps", default="1,0.1")
     p.add_argument("--speed-runs", type=int, default=10)
+    p.add_argument("--speed-batch", type=int, default=1, help="requests per timed batch (same image and prompt)")
     p.add_argument("--speed-image", default=None, help="default: llavakit/assets/sample.png")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--dtype", default=None)
@@ -145,12 +148,12 @@ def main(argv=None) -> int:
         print(f"wrote {out}/grid.json, grid.md, *.png (speed skipped)")
         return 0
     image = vlm.processor.load_images([a.speed_image or SAMPLE])[0]
-    speed = measure_speed(vlm, image, specs, a.speed_runs, a.max_new_tokens)
+    speed = measure_speed(vlm, image, specs, a.speed_runs, a.max_new_tokens, batch=a.speed_batch)
     command = " ".join(["python", "benchmarks/compression.py", *(argv if argv is not None else sys.argv[1:])])
     doc = {"model": str(vlm.source or a.model), "command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "torch": torch.__version__, "threads": torch.get_num_threads(),
            "machine": f"{platform.system()} {platform.machine()} {platform.processor()}".strip(),
-           "device": str(vlm.device), "dtype": str(vlm.dtype), "batch": 1, "runs": a.speed_runs,
+           "device": str(vlm.device), "dtype": str(vlm.dtype), "batch": a.speed_batch, "runs": a.speed_runs,
            "prompt": SPEED_PROMPT, "image": str(a.speed_image or SAMPLE.name), "new_tokens_for_kv": a.max_new_tokens,
            "conventions": "medians (and minima) of wall-clock seconds; see benchmarks/compression.py",
            "results": speed, "grid_wall_s": None if a.skip_grid else time.perf_counter() - t0}

@@ -13,3 +13,7 @@ class InputError(ValueError):
 
 class CheckpointError(InputError):
     """A checkpoint directory/file is missing pieces, corrupt, or of an unsupported architecture."""
+
+
+class TrainingError(RuntimeError):
+    """A training run cannot go on (e.g. the loss keeps diverging); its last checkpoint is intact."""

@@ -197,7 +197,9 @@ _CALIB_TAG = 1 << 21  # entropy word separating calibration generators from the 
 def calibration_items(task: str, limit: int, seed: int = 0) -> list:
     """`limit` calibration `EvalItem`s of `task` from TRAIN data (never the evaluation split).
 
-    easyvqa: `easyvqa_samples("train")` (seeded shuffle) with the eval task's answer instruction.
+    easyvqa: `easyvqa_samples("train")` (seeded shuffle) with the eval task's answer instruction;
+    easyvqa-open: the same without yes/no questions (colour and shape only: yes/no answers follow the
+    wording, so a schedule that blinds the model can still score on them; our choice).
     world-colour/-shape/-count/-position/-read: scenes from the world's train hash half, each from its
     own generator seeded by (TRAIN_SEED_BASE, tag, task, seed, i), one closed question of the task's kind
     (`language.instructions`; the referring expressions vary more than the eval task's, and answers
@@ -207,19 +209,23 @@ def calibration_items(task: str, limit: int, seed: int = 0) -> list:
 
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise InputError(f"limit must be a positive integer, got {limit!r}")
-    if task == "easyvqa":
+    if task in ("easyvqa", "easyvqa-open"):
         from ..data.easyvqa import answer_kind, easyvqa_samples
         from ..eval.tasks.easyvqa import INSTRUCTION, KIND_CHOICES
 
         out = []
-        for s in easyvqa_samples("train", limit=limit, seed=seed):
+        for s in easyvqa_samples("train", seed=seed):
+            if len(out) == limit:
+                break
             question = s.turns[0][1].split("\n", 1)[1]
             answer = s.turns[1][1]
+            if task == "easyvqa-open" and answer_kind(answer) == "yes/no":
+                continue
             out.append(EvalItem(id=s.id, images=s.images, prompt=answer_suffix(question, INSTRUCTION),
                                 answer=answer, choices=tuple(KIND_CHOICES[answer_kind(answer)])))
         return out
     if task not in WORLD_KINDS:
-        raise InputError(f"no calibration data for task {task!r}; valid: easyvqa, {', '.join(WORLD_KINDS)}")
+        raise InputError(f"no calibration data for task {task!r}; valid: easyvqa, easyvqa-open, {', '.join(WORLD_KINDS)}")
     from ..data.world import CHOICES, TRAIN_SEED_BASE, instructions, render, sample_scene
     from ..eval.tasks.world import INSTRUCTIONS
 
@@ -320,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Search a layer-wise visual-token keep schedule (G-Search / P-Sigmoid) "
                                             "on TRAIN calibration data.")
     p.add_argument("--model", default="default", help="model source (\"default\", a directory, a hub id)")
-    p.add_argument("--task", default="easyvqa", help=f"calibration task: easyvqa, {', '.join(WORLD_KINDS)}")
+    p.add_argument("--task", default="easyvqa", help=f"calibration task: easyvqa, easyvqa-open, {', '.join(WORLD_KINDS)}")
     p.add_argument("--limit", type=int, default=64, help="calibration questions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="schedule JSON to write (read by gsearch:file=...)")

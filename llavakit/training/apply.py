@@ -42,3 +42,28 @@ def apply_trained(model: torch.nn.Module, path: str | Path) -> dict:
             a, b = lora[a_key], lora[base + ".lora_B.weight"]  # (r, in), (out, r)
             params[name].add_((b.float() @ a.float()).to(params[name].dtype), alpha=spec["alpha"] / spec["r"])
     return meta
+
+
+def compact_trained(src: str | Path, dst: str | Path) -> Path:
+    """Write `src` (a run's trained.safetensors) to `dst` with the LoRA tensors in fp16 (half the bytes).
+
+    Ours, for shipping: the projector and feature statistics stay fp32; LoRA factors are small numbers,
+    so fp16 keeps them to ~1e-3 relative (the merged delta B @ A to the same order). The metadata is
+    kept. Written to a temporary file and renamed, so `dst` is never half-written.
+    """
+    import os
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise CheckpointError(f"trained weights {src} do not exist")
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    out = {k: (v.half() if k.startswith("lora.") and v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    tmp = dst.with_name(dst.name + ".tmp")
+    save_file(out, str(tmp), metadata=meta)
+    os.replace(tmp, dst)
+    return dst

@@ -12,7 +12,8 @@ from typing import Any, Mapping
 
 from ..errors import InputError
 
-DATA_KINDS = ("easyvqa", "world-caption", "world-instruction", "world-report", "llava-json")
+DATA_KINDS = ("easyvqa", "world-caption", "world-instruction", "world-qa", "world-report", "llava-json")
+YES_NO_MODES = ("all", "balanced")
 STAGES = ("align", "instruct")
 PRECISIONS = ("fp32", "bf16")
 MODULES = ("vision_tower", "multi_modal_projector", "language_model")
@@ -29,12 +30,17 @@ class DataSource:
     path: str | None = None  # llava-json file
     image_root: str | None = None
     questions_per_image: int = 8  # packing: questions sharing one image's tokens in one sequence
+    yes_no: str = "all"  # easyvqa: "balanced" drops majority-answer yes/no questions per question template
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
             raise InputError(f"unknown data kind {self.kind!r}; valid: {', '.join(DATA_KINDS)}")
         if self.weight <= 0:
             raise InputError(f"data weight must be > 0, got {self.weight}")
+        if self.yes_no not in YES_NO_MODES:
+            raise InputError(f"unknown yes_no mode {self.yes_no!r}; valid: {', '.join(YES_NO_MODES)}")
+        if self.yes_no != "all" and self.kind != "easyvqa":
+            raise InputError(f"yes_no applies to easyvqa data only, not {self.kind!r}")
         if self.kind == "llava-json" and not self.path:
             raise InputError("a llava-json data source needs `path`")
 

@@ -7,9 +7,15 @@ Sources (`DataSource.kind`):
   instruction blocks (yes/no balanced by construction in the world generator).
 - world-report: report error-checking (radiology protocol): per scene, SIMPLE blocks for a correct and
   a corrupted report (balanced yes/no) and COMPLEX blocks for all four labels (balanced).
+- world-qa: synthetic-world scenes, each with dense single-round blocks of the evaluation's question
+  kinds (colour, shape and position of every object, counts, a yes and a no existence question, the
+  word when there is one): one image's features feed up to ~16 targets.
 - world-caption: one caption block per scene.
 - llava-json: a LLaVA conversation JSON file, one group per sample.
-Our choices: the block layout above, so every image's features are reused by several targets.
+Our choices: the block layout above, so every image's features are reused by several targets, and
+easyvqa `yes_no: balanced`: easy-vqa's yes/no answers are predictable from the question's wording (each
+template is 70-88 % one answer), so a model can score ~81 % on them without looking; balanced drops
+majority-answer questions per template (colour and shape words masked) until yes and no are equal.
 """
 
 from __future__ import annotations
@@ -35,8 +41,8 @@ class ImageGroup:
 
 
 def build_groups(src: DataSource) -> list[ImageGroup]:
-    builders = {"easyvqa": _easyvqa, "world-instruction": _world_instruction, "world-report": _world_report,
-                "world-caption": _world_caption, "llava-json": _llava_json}
+    builders = {"easyvqa": _easyvqa, "world-instruction": _world_instruction, "world-qa": _world_qa,
+                "world-report": _world_report, "world-caption": _world_caption, "llava-json": _llava_json}
     groups = builders[src.kind](src)
     if src.kind == "llava-json":
         return groups
@@ -65,11 +71,14 @@ def _easyvqa(src: DataSource) -> list[ImageGroup]:
     from ..data.easyvqa import easyvqa_samples
 
     samples = easyvqa_samples("train", seed=src.seed, pack_per_image=True)
+    keep = _yes_no_balancer(samples, src.seed) if src.yes_no == "balanced" else None
     rng = np.random.default_rng(src.seed)
     groups = []
     for s in samples:
         qa = [(q, a) for (rq, q), (ra, a) in zip(s.turns[0::2], s.turns[1::2])]
         qa = [(q.replace("<image>", "").strip(), a) for q, a in qa]
+        if keep is not None:
+            qa = [(q, a) for q, a in qa if keep(str(s.images[0]), q, a)]
         order = rng.permutation(len(qa))
         qa = [qa[i] for i in order]
         path = str(s.images[0])
@@ -77,6 +86,38 @@ def _easyvqa(src: DataSource) -> list[ImageGroup]:
             chunk = tuple(((q, a),) for q, a in qa[c:c + src.questions_per_image])
             groups.append(ImageGroup(f"easyvqa-train:{os.path.basename(path)}", lambda p=path: Image.open(p).convert("RGB"), chunk))
     return groups[: src.n] if src.n else groups
+
+
+def _yes_no_balancer(samples, seed: int) -> Callable[[str, str, str], bool]:
+    """keep(image_key, question, answer): True for every non-yes/no question and for a seeded subset of
+    each yes/no template's majority answer of the size of its minority answer (so yes = no per template)."""
+    import re
+
+    from ..data.easyvqa import COLORS, SHAPES
+
+    colour = re.compile(r"\b(" + "|".join(COLORS) + r")\b")
+    shape = re.compile(r"\b(" + "|".join(SHAPES) + r")\b")
+
+    def template(q: str) -> str:
+        return shape.sub("S", colour.sub("C", q.replace("<image>", "").strip().lower()))
+
+    counts: dict[tuple[str, str], int] = {}
+    for s in samples:
+        for (_, q), (_, a) in zip(s.turns[0::2], s.turns[1::2]):
+            if a in ("yes", "no"):
+                counts[(template(q), a)] = counts.get((template(q), a), 0) + 1
+    p_keep = {}
+    for (t, a), n in counts.items():
+        other = counts.get((t, "no" if a == "yes" else "yes"), 0)
+        p_keep[(t, a)] = min(1.0, other / n)
+
+    def keep(key: str, q: str, a: str) -> bool:
+        if a not in ("yes", "no"):
+            return True
+        u = zlib.crc32(f"{seed}:{key}:{q}:{a}".encode()) / 2**32  # deterministic, uniform in [0, 1)
+        return u < p_keep[(template(q), a)]
+
+    return keep
 
 
 def _world_scene(i: int, seed: int, words: bool):
@@ -114,6 +155,26 @@ def _world_caption(src: DataSource) -> list[ImageGroup]:
         rng, scene = _world_scene(i, src.seed + 7919, words=bool(i % 10 < 3))
         out.append(ImageGroup(f"world-caption:{src.seed}:{i}", lambda s=scene: _render(s),
                               ((("Describe the image briefly.", caption(scene, rng)),),)))
+    return out
+
+
+def _world_qa(src: DataSource) -> list[ImageGroup]:
+    from ..data.world.language import (colour_question, count_question, exists_question, position_question,
+                                       read_question, shape_question)
+
+    out = []
+    for i in range(src.n or 1000):
+        rng, scene = _world_scene(i, src.seed + 3, words=bool(i % 10 < 3))
+        qa = [count_question(scene, rng, total_only=True), count_question(scene, rng),
+              exists_question(scene, rng, answer=True), exists_question(scene, rng, answer=False)]
+        for o in scene.objects:
+            qa += [colour_question(scene, o, rng), shape_question(scene, o, rng), position_question(scene, o, rng),
+                   read_question(scene, o, rng)]
+        qa = [x for x in qa if x is not None]
+        qa = [qa[j] for j in rng.permutation(len(qa))]
+        for c in range(0, len(qa), src.questions_per_image):
+            blocks = tuple(((q, a),) for q, a in qa[c:c + src.questions_per_image])
+            out.append(ImageGroup(f"world-qa:{src.seed}:{i}", lambda s=scene: _render(s), blocks))
     return out
 
 

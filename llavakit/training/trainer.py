@@ -30,15 +30,16 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..data.dataset import IGNORE_INDEX, TurnLabeler
-from ..errors import InputError
+from ..errors import InputError, TrainingError
 from . import checkpoint
 from .config import TrainConfig
 from .data import ImageGroup, build_groups, mix
 from .features import FeatureCache
-from .lora import apply_lora, load_lora_state, lora_state
+from .lora import apply_lora, grow_lora_state, load_lora_state, lora_state
 from .packing import block_mask, collate_packed, pack
 
 TRAINED = "trained.safetensors"
+MAX_BAD_STEPS = 10  # consecutive non-finite steps skipped before a run stops
 
 
 def _dist() -> tuple[int, int]:
@@ -127,7 +128,11 @@ class Trainer:
         if not path.is_file():
             raise InputError(f"init_from: {path} does not exist (train the previous stage first, or name a "
                              f"trained .safetensors file)")
+        from safetensors import safe_open
+
         state = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            saved_spec = json.loads((f.metadata() or {}).get("lora") or "null")
         self.mu, self.sd = state.pop("feature_mean"), state.pop("feature_std")
         proj = {k[len("multi_modal_projector."):]: v for k, v in state.items() if k.startswith("multi_modal_projector.")}
         # unfold the standardisation (saved W' = W / sd, b' = b - W' mu): train in standardised space
@@ -138,6 +143,13 @@ class Trainer:
         if lora:
             if self.cfg.lora is None:
                 raise InputError(f"{path} holds LoRA weights but this recipe has no `lora:` section")
+            spec = self.cfg.lora
+            if saved_spec and (saved_spec["r"], saved_spec["alpha"], tuple(saved_spec["targets"])) != (
+                    spec.r, spec.alpha, tuple(spec.targets)):
+                try:
+                    lora = grow_lora_state(self.model.language_model, lora, saved_spec, spec)
+                except (ValueError, KeyError) as e:
+                    raise InputError(f"init_from {path}: {e}") from None
             load_lora_state(self.model.language_model, lora)
 
     # ------------------------------------------------------------------ one step
@@ -187,7 +199,7 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
         self.model.train()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.stage}", disable=self.rank != 0)
-        t0, window = time.perf_counter(), []
+        t0, window, bad_run, skipped = time.perf_counter(), [], 0, 0
         while self.step < cfg.steps:
             self.opt.zero_grad(set_to_none=True)
             total = 0.0
@@ -204,16 +216,28 @@ class Trainer:
                 t = torch.tensor([total])
                 dist.all_reduce(t)
                 total = float(t) / self.world
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-            self.opt.step()
+            norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            if math.isfinite(total) and math.isfinite(float(norm)):
+                self.opt.step()
+                bad_run = 0
+            else:  # a non-finite loss or gradient: skip the update (the weights stay finite), go on
+                bad_run += 1
+                skipped += 1
+                if bad_run > MAX_BAD_STEPS:
+                    raise TrainingError(f"step {self.step + 1}: {bad_run} non-finite losses/gradients in a row; "
+                                        f"stopping (the last checkpoint is intact; lower the learning rates)")
             self.sched.step()
             self.step += 1
             window.append(total)
             bar.update(1)
             bar.set_postfix(loss=f"{total:.3f}")
             if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                rec = {"step": self.step, "loss": sum(window) / len(window), "lr": self.sched.get_last_lr()[0],
-                       "elapsed_s": round(time.perf_counter() - t0, 1)}
+                finite = [x for x in window if math.isfinite(x)]
+                rec = {"step": self.step, "loss": sum(finite) / len(finite) if finite else None,
+                       "lr": self.sched.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - t0, 1)}
+                if skipped:
+                    rec["skipped_steps"] = skipped  # non-finite loss or gradient since the last record
+                    skipped = 0
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 window = []
@@ -274,7 +298,7 @@ def plot_loss(log_path: Path, out: Path) -> None:
         return
     recs = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs])
+    ax.plot([r["step"] for r in recs], [math.nan if r["loss"] is None else r["loss"] for r in recs])
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(out.parent.name)

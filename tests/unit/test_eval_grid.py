@@ -307,4 +307,8 @@ def test_benchmark_script_on_the_tiny_model(model_dir, tmp_path, monkeypatch):
     assert speed["fastervlm@0.1"]["kv_cache_bytes"] < speed["fastervlm@1"]["kv_cache_bytes"]
     assert all(speed[k][f] > 0 for k in speed for f in ("vision_s", "lm_prefill_s", "ttft_s"))
     assert all((out / n).is_file() for n in ("grid.json", "grid.md", "pareto_tflops.png", "kept_tokens.png"))
+    assert bench.main(["--model", str(model_dir), "--methods", "fastervlm", "--skip-grid", "--speed-batch", "3",
+                       "--speed-runs", "1", "--threads", "1", "--out", str(out)]) == 0
+    doc = json.loads((out / "speed.json").read_text())
+    assert doc["batch"] == 3 and doc["results"]["fastervlm@0.1"]["visual_tokens"] == 2  # per request
     assert bench.main(["--model", str(model_dir), "--methods", "nope", "--out", str(out)]) == 2

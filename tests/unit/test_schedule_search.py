@@ -423,6 +423,10 @@ def test_easyvqa_calibration_uses_the_train_split():
     items = search.calibration_items("easyvqa", 5, seed=1)
     assert len(items) == 5 and all(it.id.startswith("easyvqa-train-") for it in items)
     assert all(it.answer in it.choices and it.prompt.endswith("Answer with one word.") for it in items)
+    assert [it.id for it in items] == [it.id for it in search.calibration_items("easyvqa", 5, seed=1)]
+    open_items = search.calibration_items("easyvqa-open", 12, seed=1)
+    assert len(open_items) == 12 and all(it.answer not in ("yes", "no") for it in open_items)
+    assert all(it.id.startswith("easyvqa-train-") for it in open_items)
 
 
 def test_cli_writes_a_schedule_gsearch_reads(vlm, model_dir, tmp_path, images, capsys):

@@ -75,6 +75,15 @@ def test_train_writes_weights_that_reload(tiny, tmp_path):
     assert not torch.equal(before, vlm.model.language_model.model.layers[0].self_attn.q_proj.weight)
     assert isinstance(vlm.chat("what is in the image ?", images=str(REPO / "llavakit/assets/sample.png"),
                                max_new_tokens=3), str)
+    # the shipping form: LoRA in fp16, the same model to fp16 rounding
+    from llavakit.training.apply import compact_trained
+
+    half = compact_trained(out / "trained.safetensors", tmp_path / "half.safetensors")
+    assert half.stat().st_size < (out / "trained.safetensors").stat().st_size
+    other = llavakit.load(str(tiny))
+    apply_trained(other.model, half)
+    for (k, a), b in zip(vlm.model.named_parameters(), other.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-4), k
 
 
 def test_init_from_continues_from_saved_weights(tiny, tmp_path):
@@ -94,6 +103,78 @@ def test_init_from_continues_from_saved_weights(tiny, tmp_path):
             assert torch.allclose(a[k], b[k], atol=1e-5), k
     with pytest.raises(InputError, match="init_from"):
         Trainer(TrainConfig.from_yaml(_recipe(tmp_path / "c", tiny, init_from=str(tmp_path / "none")))).setup()
+
+
+def test_init_from_grows_lora_without_changing_the_model(tiny, tmp_path):
+    """A recipe with a larger LoRA (rank 4 -> 8, attention -> attention + MLP) starts from an r4 run:
+    the merged model is the same function, and shrinking back is refused."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = train(_recipe(tmp_path / "a", tiny, steps=2)) / "trained.safetensors"
+    big = {"r": 8, "alpha": 32, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+    t = Trainer(TrainConfig.from_yaml(_recipe(tmp_path / "b", tiny, steps=2, init_from=str(first), lora=big)))
+    t.setup()
+    grown = tmp_path / "grown.safetensors"
+    t.save_trained(grown)
+    ref, new = llavakit.load(str(tiny)), llavakit.load(str(tiny))
+    apply_trained(ref.model, first)
+    apply_trained(new.model, grown)
+    a, b = dict(ref.model.named_parameters()), dict(new.model.named_parameters())
+    assert any(not torch.equal(a[k], llavakit.load(str(tiny)).model.get_parameter(k)) for k in a)  # LoRA did merge
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    with pytest.raises(InputError, match="init_from.*shrink"):
+        Trainer(TrainConfig.from_yaml(_recipe(tmp_path / "b", tiny, init_from=str(grown),
+                                              lora={"r": 4, "alpha": 8, "targets": big["targets"]}))).setup()
+
+
+def test_world_qa_and_balanced_easyvqa_sources():
+    from llavakit.training.config import DataSource
+    from llavakit.training.data import build_groups
+
+    groups = build_groups(DataSource(kind="world-qa", n=30, questions_per_image=16, seed=2))
+    assert len(groups) >= 30
+    assert all(len(b) == 1 for g in groups for b in g.blocks)  # single-round blocks
+    again = build_groups(DataSource(kind="world-qa", n=30, questions_per_image=16, seed=2))
+    assert [g.blocks for g in groups] == [g.blocks for g in again]  # deterministic
+    questions = " ".join(b[0][0] for g in groups for b in g.blocks).lower()
+    for kind in ("colour", "shape", "where", "how many", "is there"):
+        assert kind in questions, kind
+    answers = {}
+    for g in build_groups(DataSource(kind="easyvqa", yes_no="balanced")):
+        for ((q, a),) in g.blocks:
+            answers[a] = answers.get(a, 0) + 1
+    assert abs(answers["yes"] - answers["no"]) < 0.02 * (answers["yes"] + answers["no"])
+    assert answers["circle"] > 1000  # open questions are all kept
+    with pytest.raises(InputError, match="yes_no"):
+        DataSource(kind="world-qa", yes_no="balanced")
+    with pytest.raises(InputError, match="valid: all, balanced"):
+        DataSource(kind="easyvqa", yes_no="some")
+
+
+def test_non_finite_steps_are_skipped_and_a_diverged_run_stops(tiny, tmp_path, monkeypatch):
+    from llavakit.errors import TrainingError
+    from llavakit.training import trainer as trainer_mod
+
+    real = Trainer.loss
+
+    def loss_nan_at_step_3(self, groups):
+        out = real(self, groups)
+        return out * float("nan") if self.step == 2 else out
+
+    monkeypatch.setattr(Trainer, "loss", loss_nan_at_step_3)
+    out = train(_recipe(tmp_path, tiny))
+    logs = [json.loads(x) for x in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r.get("skipped_steps", 0) for r in logs] == [0, 0, 1, 0, 0, 0]
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(v).all() for v in load_file(str(out / "trained.safetensors")).values())
+
+    monkeypatch.setattr(Trainer, "loss", lambda self, groups: real(self, groups) * float("nan"))
+    monkeypatch.setattr(trainer_mod, "MAX_BAD_STEPS", 2)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(TrainingError, match="non-finite"):
+        train(_recipe(tmp_path / "b", tiny))
 
 
 def test_resume_continues_identically(tiny, tmp_path):
