@@ -39,7 +39,7 @@ from .lora import apply_lora, grow_lora_state, load_lora_state, lora_state
 from .packing import block_mask, collate_packed, pack
 
 TRAINED = "trained.safetensors"
-MAX_BAD_STEPS = 10  # consecutive non-finite steps skipped before a run stops
+MAX_BAD_STEPS = 10  # this many non-finite steps in a row stop a run (fewer are skipped)
 
 
 def _dist() -> tuple[int, int]:
@@ -223,7 +223,7 @@ class Trainer:
             else:  # a non-finite loss or gradient: skip the update (the weights stay finite), go on
                 bad_run += 1
                 skipped += 1
-                if bad_run > MAX_BAD_STEPS:
+                if bad_run >= MAX_BAD_STEPS:
                     raise TrainingError(f"step {self.step + 1}: {bad_run} non-finite losses/gradients in a row; "
                                         f"stopping (the last checkpoint is intact; lower the learning rates)")
             self.sched.step()
