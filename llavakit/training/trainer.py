@@ -123,16 +123,14 @@ class Trainer:
         self.step = 0
 
     def _load_trained(self, path: Path) -> None:
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         if not path.is_file():
             raise InputError(f"init_from: {path} does not exist (train the previous stage first, or name a "
                              f"trained .safetensors file)")
-        from safetensors import safe_open
-
-        state = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "pt") as f:  # one read: tensors and the LoRA spec in the metadata
             saved_spec = json.loads((f.metadata() or {}).get("lora") or "null")
+            state = {k: f.get_tensor(k).float() for k in f.keys()}  # fp32 (a shipped file stores fp16)
         self.mu, self.sd = state.pop("feature_mean"), state.pop("feature_std")
         proj = {k[len("multi_modal_projector."):]: v for k, v in state.items() if k.startswith("multi_modal_projector.")}
         # unfold the standardisation (saved W' = W / sd, b' = b - W' mu): train in standardised space

@@ -83,7 +83,7 @@ def test_train_writes_weights_that_reload(tiny, tmp_path):
     other = llavakit.load(str(tiny))
     apply_trained(other.model, half)
     for (k, a), b in zip(vlm.model.named_parameters(), other.model.parameters()):
-        assert torch.allclose(a, b, atol=1e-4), k
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), k  # fp16 rounding
 
 
 def test_init_from_continues_from_saved_weights(tiny, tmp_path):
