@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from ..errors import InputError
 
-DATA_KINDS = ("easyvqa", "world-caption", "world-instruction", "world-qa", "world-report", "llava-json")
+DATA_KINDS = ("easyvqa", "world-caption", "world-instruction", "world-qa", "world-bind", "world-report", "llava-json")
 YES_NO_MODES = ("all", "balanced")
 STAGES = ("align", "instruct")
 PRECISIONS = ("fp32", "bf16")

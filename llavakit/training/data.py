@@ -10,6 +10,12 @@ Sources (`DataSource.kind`):
 - world-qa: synthetic-world scenes, each with dense single-round blocks of the evaluation's question
   kinds (colour, shape and position of every object, counts, a yes and a no existence question, the
   word when there is one): one image's features feed up to ~16 targets.
+- world-bind: scenes of 2-4 objects with binding questions only, all packed on one image (~20 per
+  scene): the colour of each uniquely shaped object named by its shape (world-colour's form), the shape
+  of each uniquely coloured object named by its colour (world-shape's form), each object's position
+  named by colour and shape, "Is the circle red?" once true and once false per object, and two yes and
+  two no "Is there a green triangle?" questions (near misses preferred). Ours: a curriculum source for
+  binding a colour to a shape, which the mixed sources above did not teach (docs/default-model-training.md).
 - world-caption: one caption block per scene.
 - llava-json: a LLaVA conversation JSON file, one group per sample.
 Our choices: the block layout above, so every image's features are reused by several targets, and
@@ -42,6 +48,7 @@ class ImageGroup:
 
 def build_groups(src: DataSource) -> list[ImageGroup]:
     builders = {"easyvqa": _easyvqa, "world-instruction": _world_instruction, "world-qa": _world_qa,
+                "world-bind": _world_bind,
                 "world-report": _world_report, "world-caption": _world_caption, "llava-json": _llava_json}
     groups = builders[src.kind](src)
     if src.kind == "llava-json":
@@ -144,6 +151,34 @@ def _world_instruction(src: DataSource) -> list[ImageGroup]:
             if rounds:
                 blocks.append(rounds)
         out.append(ImageGroup(f"world-instruction:{src.seed}:{i}", lambda s=scene: _render(s), tuple(blocks)))
+    return out
+
+
+def _world_bind(src: DataSource) -> list[ImageGroup]:
+    from ..data.world import TRAIN_SEED_BASE, sample_scene
+    from ..data.world.language import (attribute_check, colour_question, exists_question, position_question,
+                                       shape_question)
+
+    out = []
+    for i in range(src.n or 1000):
+        rng = np.random.default_rng([TRAIN_SEED_BASE, 2000 + src.seed, i])
+        scene = sample_scene(rng, canvas=224, n_objects=(2, 4), split="train")
+        qa = []
+        for o in scene.objects:
+            qa += [colour_question(scene, o, rng, refs=[("shape",)]), shape_question(scene, o, rng, refs=[("colour",)]),
+                   position_question(scene, o, rng, refs=[("colour", "shape")]),
+                   attribute_check(scene, o, rng, answer=True), attribute_check(scene, o, rng, answer=False)]
+        asked: set[str] = set()
+        for answer in (True, True, False, False):
+            q = exists_question(scene, rng, answer=answer)
+            if q is not None and q[0] not in asked:
+                asked.add(q[0])
+                qa.append(q)
+        qa = [x for x in qa if x is not None]
+        qa = [qa[j] for j in rng.permutation(len(qa))]
+        for c in range(0, len(qa), src.questions_per_image):
+            blocks = tuple(((q, a),) for q, a in qa[c:c + src.questions_per_image])
+            out.append(ImageGroup(f"world-bind:{src.seed}:{i}", lambda s=scene: _render(s), blocks))
     return out
 
 

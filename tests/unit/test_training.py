@@ -152,6 +152,46 @@ def test_world_qa_and_balanced_easyvqa_sources():
         DataSource(kind="easyvqa", yes_no="some")
 
 
+def test_world_bind_source_asks_binding_questions_with_true_answers():
+    from llavakit.data.world.language import POSITION_PHRASES
+    from llavakit.training.config import DataSource
+    from llavakit.training.data import build_groups
+
+    groups = build_groups(DataSource(kind="world-bind", n=40, questions_per_image=32, seed=0))
+    assert len(groups) == 40 and len({g.key for g in groups}) == 40  # all of a scene's questions on one image
+    again = build_groups(DataSource(kind="world-bind", n=40, questions_per_image=32, seed=0))
+    assert [g.blocks for g in groups] == [g.blocks for g in again]  # deterministic
+    assert [g.blocks for g in groups] != [g.blocks for g in build_groups(DataSource(kind="world-bind", n=40,
+                                                                                  questions_per_image=32, seed=1))]
+    qa = [b[0] for g in groups for b in g.blocks]
+    assert sum(len(g.blocks) for g in groups) / 40 > 12  # dense
+    yes = sum(a == "yes" for _, a in qa)
+    no = sum(a == "no" for _, a in qa)
+    assert abs(yes - no) < 0.1 * (yes + no)  # yes/no balanced by construction
+    q = " ".join(x for x, _ in qa).lower()
+    for kind in ("what colour is the", "shape is the", "is there a", "where is the"):
+        assert kind in q or kind.replace("colour", "color") in q, kind
+    # "What colour is the circle?" is only asked when the circle is the scene's only circle, and answered
+    # with its colour: check against the rendered scene's objects through the group's image loader.
+    import numpy as np
+
+    from llavakit.data.world import TRAIN_SEED_BASE, sample_scene
+
+    checked = 0
+    for i, group in enumerate(groups):
+        scene = sample_scene(np.random.default_rng([TRAIN_SEED_BASE, 2000, i]), canvas=224, n_objects=(2, 4),
+                             split="train")
+        assert 2 <= len(scene.objects) <= 4
+        for ((question, answer),) in group.blocks:
+            text = question.split("?")[0].lower()
+            if text.startswith("what colour is the ") and text.count(" ") == 4:
+                (obj,) = [o for o in scene.objects if o.shape == text.split()[-1]]  # a unique referent
+                assert answer == obj.colour
+                checked += 1
+            if text.startswith(("where is the ", "in which part")):
+                assert answer in POSITION_PHRASES
+    assert checked >= 10
+
 def test_non_finite_steps_are_skipped_and_a_diverged_run_stops(tiny, tmp_path, monkeypatch):
     from llavakit.errors import TrainingError
     from llavakit.training import trainer as trainer_mod
