@@ -10,7 +10,7 @@ Sources (`DataSource.kind`):
 - world-qa: synthetic-world scenes, each with dense single-round blocks of the evaluation's question
   kinds (colour, shape and position of every object, counts, a yes and a no existence question, the
   word when there is one): one image's features feed up to ~16 targets.
-- world-bind: scenes of 2-4 objects with binding questions only, all packed on one image (~20 per
+- world-bind: scenes of 2-4 objects with binding questions only, all packed on one image (~17 per
   scene): the colour of each uniquely shaped object named by its shape (world-colour's form), the shape
   of each uniquely coloured object named by its colour (world-shape's form), each object's position
   named by colour and shape, "Is the circle red?" once true and once false per object, and two yes and
