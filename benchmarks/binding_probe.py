@@ -20,7 +20,6 @@ The probe is ours (not from a paper). Features come from a training run's featur
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from feature_probe import cached_features  # noqa: E402
+from feature_probe import cached_features, save_report  # noqa: E402
 
 
 class AttentionProbe(nn.Module):
@@ -121,11 +120,8 @@ def main(argv=None) -> int:
         results[name] = res
         print(f"{name}: held-out {res['accuracy']} % ({res['held_out']}), 2+ objects {res['accuracy_2plus_objects']} %"
               f" ({res['held_out_2plus']}); chance {100 / len(vocab_a):.1f} %")
-    doc = {"command": " ".join(["python", "benchmarks/binding_probe.py", *(argv if argv is not None else sys.argv[1:])]),
-           "scenes": a.scenes, "steps": a.steps, "context": a.context, "results": results, "wall_s": round(time.perf_counter() - t0, 1)}
-    if a.out:
-        Path(a.out).write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"wrote {a.out}")
+    save_report(a.out, "binding_probe.py", argv, {"scenes": a.scenes, "steps": a.steps, "context": a.context,
+                                                  "results": results, "wall_s": round(time.perf_counter() - t0, 1)})
     return 0
 
 

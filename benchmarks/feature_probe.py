@@ -52,6 +52,16 @@ def tower_features(scenes) -> list[torch.Tensor]:
     return out
 
 
+def save_report(out: str | None, script: str, argv, doc: dict) -> dict:
+    """`doc` with the command that produced it first; written as JSON to `out` when given."""
+    doc = {"command": " ".join(["python", f"benchmarks/{script}", *(argv if argv is not None else sys.argv[1:])]),
+           **doc}
+    if out:
+        Path(out).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {out}")
+    return doc
+
+
 def probe(x: torch.Tensor, y: torch.Tensor, classes: int, train: int, steps: int = 300) -> float:
     w = torch.zeros(x.shape[1], classes, requires_grad=True)
     b = torch.zeros(classes, requires_grad=True)
@@ -97,13 +107,10 @@ def main(argv=None) -> int:
         acc = probe(xs, torch.tensor(y), classes[k], train)
         results[k] = {"accuracy": round(100 * acc, 1), "chance": round(100 / classes[k], 1)}
         print(f"{k:>11}: held-out linear probe accuracy {100 * acc:5.1f} % (chance {100 / classes[k]:.1f} %)")
-    doc = {"command": " ".join(["python", "benchmarks/feature_probe.py", *(argv if argv is not None else sys.argv[1:])]),
-           "scenes": a.scenes, "objects": len(xs), "held_out": len(xs) - train, "feature_dim": xs.shape[1],
-           "source": "cache" if a.cache else "tower", "results": results,
-           "wall_s": round(time.perf_counter() - t0, 1)}
-    if a.out:
-        Path(a.out).write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"wrote {a.out}")
+    save_report(a.out, "feature_probe.py", argv,
+                {"scenes": a.scenes, "objects": len(xs), "held_out": len(xs) - train, "feature_dim": xs.shape[1],
+                 "source": "cache" if a.cache else "tower", "results": results,
+                 "wall_s": round(time.perf_counter() - t0, 1)})
     return 0
 
 

@@ -127,11 +127,24 @@ def _yes_no_balancer(samples, seed: int) -> Callable[[str, str, str], bool]:
     return keep
 
 
-def _world_scene(i: int, seed: int, words: bool):
+def _world_scene(i: int, seed: int, words: bool, n_objects: tuple[int, int] = (1, 4)):
     from ..data.world import TRAIN_SEED_BASE, sample_scene
 
     rng = np.random.default_rng([TRAIN_SEED_BASE, 1000 + seed, i])
-    return rng, sample_scene(rng, canvas=224, n_objects=(1, 4), words=words, split="train")
+    return rng, sample_scene(rng, canvas=224, n_objects=n_objects, words=words, split="train")
+
+
+def _single_round_groups(key: str, scene, qa: list, rng: np.random.Generator, per_image: int) -> list[ImageGroup]:
+    """One scene's questions (None = not askable) shuffled and packed `per_image` single-round blocks a group."""
+    qa = [x for x in qa if x is not None]
+    qa = [qa[j] for j in rng.permutation(len(qa))]
+    return [ImageGroup(key, lambda s=scene: _render(s), tuple(((q, a),) for q, a in qa[c:c + per_image]))
+            for c in range(0, len(qa), per_image)]
+
+
+def _bind_scene(i: int, seed: int):
+    """world-bind's i-th scene of `seed` (2-4 objects, no words) and the generator that continues it."""
+    return _world_scene(i, 1000 + seed, words=False, n_objects=(2, 4))
 
 
 def _render(scene):
@@ -155,14 +168,12 @@ def _world_instruction(src: DataSource) -> list[ImageGroup]:
 
 
 def _world_bind(src: DataSource) -> list[ImageGroup]:
-    from ..data.world import TRAIN_SEED_BASE, sample_scene
     from ..data.world.language import (attribute_check, colour_question, exists_question, position_question,
                                        shape_question)
 
     out = []
     for i in range(src.n or 1000):
-        rng = np.random.default_rng([TRAIN_SEED_BASE, 2000 + src.seed, i])
-        scene = sample_scene(rng, canvas=224, n_objects=(2, 4), split="train")
+        rng, scene = _bind_scene(i, src.seed)
         qa = []
         for o in scene.objects:
             qa += [colour_question(scene, o, rng, refs=[("shape",)]), shape_question(scene, o, rng, refs=[("colour",)]),
@@ -174,11 +185,7 @@ def _world_bind(src: DataSource) -> list[ImageGroup]:
             if q is not None and q[0] not in asked:
                 asked.add(q[0])
                 qa.append(q)
-        qa = [x for x in qa if x is not None]
-        qa = [qa[j] for j in rng.permutation(len(qa))]
-        for c in range(0, len(qa), src.questions_per_image):
-            blocks = tuple(((q, a),) for q, a in qa[c:c + src.questions_per_image])
-            out.append(ImageGroup(f"world-bind:{src.seed}:{i}", lambda s=scene: _render(s), blocks))
+        out += _single_round_groups(f"world-bind:{src.seed}:{i}", scene, qa, rng, src.questions_per_image)
     return out
 
 
@@ -205,11 +212,7 @@ def _world_qa(src: DataSource) -> list[ImageGroup]:
         for o in scene.objects:
             qa += [colour_question(scene, o, rng), shape_question(scene, o, rng), position_question(scene, o, rng),
                    read_question(scene, o, rng)]
-        qa = [x for x in qa if x is not None]
-        qa = [qa[j] for j in rng.permutation(len(qa))]
-        for c in range(0, len(qa), src.questions_per_image):
-            blocks = tuple(((q, a),) for q, a in qa[c:c + src.questions_per_image])
-            out.append(ImageGroup(f"world-qa:{src.seed}:{i}", lambda s=scene: _render(s), blocks))
+        out += _single_round_groups(f"world-qa:{src.seed}:{i}", scene, qa, rng, src.questions_per_image)
     return out
 
 

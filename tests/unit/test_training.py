@@ -172,15 +172,12 @@ def test_world_bind_source_asks_binding_questions_with_true_answers():
     for kind in ("what colour is the", "shape is the", "is there a", "where is the"):
         assert kind in q or kind.replace("colour", "color") in q, kind
     # "What colour is the circle?" is only asked when the circle is the scene's only circle, and answered
-    # with its colour: check against the rendered scene's objects through the group's image loader.
-    import numpy as np
-
-    from llavakit.data.world import TRAIN_SEED_BASE, sample_scene
+    # with its colour: check against the objects of the scene the group was drawn from.
+    from llavakit.training.data import _bind_scene
 
     checked = 0
     for i, group in enumerate(groups):
-        scene = sample_scene(np.random.default_rng([TRAIN_SEED_BASE, 2000, i]), canvas=224, n_objects=(2, 4),
-                             split="train")
+        scene = _bind_scene(i, 0)[1]
         assert 2 <= len(scene.objects) <= 4
         for ((question, answer),) in group.blocks:
             text = question.split("?")[0].lower()
