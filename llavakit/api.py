@@ -108,11 +108,13 @@ class VLM:
         input_ids = input_ids.to(dev)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        run = comp.lm_run(self.model, input_ids, attention_mask.to(dev)) if comp is not None else None
-        embeds = self.model.embed_inputs(input_ids, _to(pixel_values, dev), image_sizes, compression=comp)
+        attention_mask = attention_mask.to(dev)
+        run = comp.lm_run(self.model, input_ids, attention_mask) if comp is not None else None
+        embeds, position_ids = self.model.embed_compressed(input_ids, attention_mask, _to(pixel_values, dev),
+                                                           image_sizes, comp)
         decode_fn = self.processor.decode if (cfg.stop_strings and self.processor.has_tokenizer) else None
-        return run_generate(self.model.language_model, embeds, attention_mask.to(dev), cfg,
-                            decode_fn=decode_fn, on_token=on_token, run=run)
+        return run_generate(self.model.language_model, embeds, attention_mask, cfg,
+                            decode_fn=decode_fn, on_token=on_token, run=run, position_ids=position_ids)
 
     # ------------------------------------------------------------------ text level
     def build_prompt(self, prompt: str | Sequence[dict], images: Sequence[Any]) -> str:

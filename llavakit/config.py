@@ -118,10 +118,16 @@ class ProjectorConfig:
     out_features: int = 4096
     bias: bool = True
     hidden_act: str = "gelu"
+    context_kernel: int = 0  # ours: k x k local-context residual before the MLP (0 = none; models/projector.py)
+    context_channels: int = 64
 
     def __post_init__(self) -> None:
         if self.kind not in PROJECTOR_KINDS:
             raise InputError(f"unknown projector {self.kind!r}; valid: {', '.join(PROJECTOR_KINDS)}")
+        if self.context_kernel < 0 or (self.context_kernel and self.context_kernel % 2 == 0):
+            raise InputError(f"projector context_kernel must be 0 (none) or an odd size, got {self.context_kernel}")
+        if self.context_kernel and self.context_channels < 1:
+            raise InputError(f"projector context_channels must be >= 1, got {self.context_channels}")
 
 
 @dataclass(frozen=True)

@@ -112,10 +112,16 @@ def _tokens_per_view(config: VLMConfig) -> int:
 
 # -------------------------------------------------------------------------------- projector / LM
 
-def projector_flops(pc: ProjectorConfig, num_tokens: int) -> int:
-    """`linear`: in -> out; `mlp2x_gelu`: in -> out -> out."""
+def projector_flops(pc: ProjectorConfig, num_tokens: int, context_tokens: int | None = None) -> int:
+    """`linear`: in -> out; `mlp2x_gelu`: in -> out -> out; plus the local-context branch when present
+    (in -> C, k x k conv C -> C, C -> in per token), which runs on the full grids before any pruning
+    stage: `context_tokens` (default `num_tokens`) is the tower's token count."""
     t = _count("num_tokens", num_tokens)
     flops = _mm(t, pc.in_features, pc.out_features)
+    if pc.context_kernel:
+        tc = t if context_tokens is None else _count("context_tokens", context_tokens)
+        c, k = pc.context_channels, pc.context_kernel
+        flops += _mm(tc, pc.in_features, c) + _mm(tc, c * k * k, c) + _mm(tc, c, pc.in_features)
     if pc.kind == "mlp2x_gelu":
         flops += _mm(t, pc.out_features, pc.out_features)
     return flops
@@ -284,7 +290,7 @@ def request_cost(config: VLMConfig, *, visual_tokens_per_stage: Mapping[str, int
         stages = _visual_stages(config, visual_tokens_per_stage or {}, views, v)
         vis = vision_flops(config.vision, views, vision_layers_run(config),
                            grid=config.view_grid if view_grid is None else view_grid)
-        proj = projector_flops(config.projector, stages["projector"])
+        proj = projector_flops(config.projector, stages["projector"], stages["vision"])
     prefill = tuple(lm_layer_prefill_flops(lc, k) for k in per_layer_tokens)
     head = lm_head_flops(lc, prompt if prefill_logits_all else 1)
     # Decode step j (1-based) adds one position to every layer: layer l attends kv_tokens[l] + j keys.

@@ -109,6 +109,10 @@ def vlm_config_to_hf(cfg: VLMConfig) -> dict[str, Any]:
         return out
     if cfg.projector.kind != "mlp2x_gelu":
         raise CheckpointError(f"HF LLaVA formats have only the mlp2x_gelu projector, not {cfg.projector.kind!r}")
+    if cfg.projector.context_kernel:
+        raise CheckpointError(f"HF LLaVA formats cannot hold the projector's local-context branch "
+                              f"(context_kernel={cfg.projector.context_kernel}); keep this model in llavakit's "
+                              f"trained-weights form (llavakit.load('default') + its .safetensors)")
     model_type = cfg.architecture
     out: dict[str, Any] = {
         "model_type": model_type,

@@ -9,6 +9,11 @@ and a per-generation `LMRun` (H5/H6). Composition rules (ours):
 - `needs` are met or refused: cls_attention needs a tower with a [CLS] token;
 - anyres models (LLaVA-NeXT / OneVision) are refused for now: their views are packed on a 2-D grid
   with newline tokens, which the stages here do not re-pack yet.
+- position ids after a pre-LLM stage: every token stage takes `pos=compact` (the default, what
+  FasterVLM / HiRED do: the kept tokens are re-indexed 0..k-1 in the LM input) or `pos=original` (each
+  kept token keeps the position id of its patch in the full raster grid, and the text after the image
+  continues after the full grid, as FastV's in-LLM pruning does). Ours: the option, and that all stages
+  of one spec must agree.
 """
 
 from __future__ import annotations
@@ -36,10 +41,14 @@ class ImageFeatures:
     grid: tuple[int, int]  # the tower's patch grid (rows, cols) after any resize
 
 
+POSITION_MODES = ("compact", "original")
+
+
 class Compression:
-    def __init__(self, methods: Sequence[MethodSpec], plugins: Sequence[Any]) -> None:
+    def __init__(self, methods: Sequence[MethodSpec], plugins: Sequence[Any], original_positions: bool = False) -> None:
         self.methods = tuple(methods)
         self.plugins = tuple(plugins)
+        self.original_positions = bool(original_positions)  # kept visual tokens keep their raster position ids
         order = [KINDS.index(p.kind) for p in self.plugins]
         if order != sorted(order):
             raise InputError(f"impossible composition {self.spec!r}: list methods in pipeline order "
@@ -62,7 +71,24 @@ class Compression:
         parsed = parse_spec(spec)
         if not parsed:
             return None
-        return cls(parsed, [METHODS.get(m.name)(**dict(m.params)) for m in parsed])
+        plugins, modes = [], set()
+        for m in parsed:
+            params = dict(m.params)
+            pos = params.pop("pos", None)
+            plugin = METHODS.get(m.name)(**params)
+            if pos is not None:
+                if plugin.kind != "stage":
+                    raise InputError(f"{m.name}: pos applies to pre-LLM token stages only (fastervlm, hired, "
+                                     f"random, pool); {m.name} is a {plugin.kind} method")
+                if pos not in POSITION_MODES:
+                    raise InputError(f"{m.name}: pos must be one of {', '.join(POSITION_MODES)}, got {pos!r}")
+            if plugin.kind == "stage":
+                modes.add(pos or "compact")
+            plugins.append(plugin)
+        if len(modes) > 1:
+            raise InputError(f"impossible composition {format_spec(parsed)!r}: its token stages disagree on pos "
+                             f"(compact vs original); give every stage the same pos")
+        return cls(parsed, plugins, original_positions=modes == {"original"})
 
     @property
     def spec(self) -> str:
@@ -160,6 +186,7 @@ class Compression:
             if not 0 <= l < n_layers:
                 raise InputError(f"CLS attention of vision layer {l} asked for; the tower has {n_layers} layers")
         feats, attn = model._select_with_attention(pv, {l: slice(0, 1) for l in wanted}, resized)  # (N, T, Dv)
+        feats = model.multi_modal_projector.mix(feats, grid)  # local context (if any) on the full grid
         n, t = feats.shape[:2]
         has_cls_col = cfg.vision_feature_select_strategy == "default" and model.vision_tower.has_cls
         cls_attention = {l: a[:, :, 0, 1:] if has_cls_col else a[:, :, 0, :] for l, a in attn.items()}  # (N, H, T)
@@ -172,8 +199,42 @@ class Compression:
             feats, pos = s(feats, pos, ctx)
             if feats.shape[1] != want or pos.shape[:2] != feats.shape[:2]:
                 raise RuntimeError(f"{type(s).__name__} returned {feats.shape[1]} tokens, num_out said {want}")
-        proj = model.multi_modal_projector(feats)  # (N, T', D)
+        proj = model.multi_modal_projector(feats, mixed=True)  # (N, T', D)
         return ImageFeatures(list(proj.unbind(0)), list(pos.unbind(0)), grid)
+
+    def prompt_position_ids(self, input_ids: Tensor, attention_mask: Tensor, image_token_id: int,
+                            feats: ImageFeatures) -> Tensor | None:
+        """(B, T) LM position ids for prompts whose images went through `image_features`, or None for the
+        default (consecutive ids over real tokens). With `pos=original`, image j's kept tokens take
+        start_j + row * cols + col and the text after it continues at start_j + rows * cols.
+        Left padding gets id 1, as transformers' generation gives it."""
+        if not self.original_positions:
+            return None
+        n_full = feats.grid[0] * feats.grid[1]
+        flat = [p[:, 0] * feats.grid[1] + p[:, 1] for p in feats.positions]  # per image (T',)
+        ids, mask = input_ids.tolist(), attention_mask.tolist()
+        out, j = [], 0
+        for row, m in zip(ids, mask):
+            pos, nxt, t = [], 0, 0
+            while t < len(row):
+                if not m[t]:
+                    pos.append(1)
+                    t += 1
+                elif row[t] == image_token_id:
+                    if j >= len(flat):
+                        raise InputError("more image placeholders in the prompts than images")
+                    k = len(flat[j])
+                    if row[t:t + k] != [image_token_id] * k:
+                        raise InputError(f"image {j} has {k} visual tokens but its placeholder run is shorter")
+                    pos += [nxt + int(f) for f in flat[j].tolist()]
+                    nxt, t, j = nxt + n_full, t + k, j + 1
+                else:
+                    pos.append(nxt)
+                    nxt, t = nxt + 1, t + 1
+            out.append(pos)
+        if j != len(flat):
+            raise InputError(f"{len(flat)} images but {j} placeholder runs in the prompts")
+        return torch.tensor(out, dtype=torch.long, device=input_ids.device)
 
     # ------------------------------------------------------------------ H5/H6: the LM side
     def lm_run(self, model, input_ids: Tensor, attention_mask: Tensor | None):

@@ -80,12 +80,15 @@ def trim_stop(text: str, stop_strings: Sequence[str]) -> str:
 @torch.no_grad()
 def generate(lm, inputs_embeds: Tensor, attention_mask: Tensor | None, config: GenerationConfig, *,
              decode_fn: Callable[[list[int]], str] | None = None,
-             on_token: Callable[[int, int], None] | None = None, run=None) -> Tensor:
+             on_token: Callable[[int, int], None] | None = None, run=None,
+             position_ids: Tensor | None = None) -> Tensor:
     """Generate up to `config.max_new_tokens` tokens for each left-padded prompt.
 
     inputs_embeds (B, T, D); attention_mask (B, T) 1 = real token, 0 = left padding (None: no padding).
     Returns the generated ids only, (B, N) long with N <= max_new_tokens; finished rows hold pad_token_id.
     `run`: the in-LLM compression state of this generation (`Compression.lm_run`), passed to every LM call.
+    `position_ids` (B, T): the prompt's LM positions (None: consecutive over real tokens); new tokens
+    continue after each row's last one.
     """
     b, t, _ = inputs_embeds.shape
     device = inputs_embeds.device
@@ -103,7 +106,12 @@ def generate(lm, inputs_embeds: Tensor, attention_mask: Tensor | None, config: G
 
     padded = not bool(attention_mask.all())
     mask = attention_mask.long() if padded else None  # (B, S), grows by one column per step
-    positions = default_position_ids(attention_mask, t, 0, device).expand(b, t)  # (B, T)
+    if position_ids is None:
+        positions = default_position_ids(attention_mask, t, 0, device).expand(b, t)  # (B, T)
+    elif position_ids.shape != (b, t):
+        raise InputError(f"position_ids must be (batch, prompt length) = {(b, t)}, got {tuple(position_ids.shape)}")
+    else:
+        positions = position_ids.to(device)
     next_pos = positions[:, -1:] + 1  # (B, 1)
     generator = None
     if config.seed is not None:

@@ -48,6 +48,22 @@ class LlavaModel(nn.Module):
                 self.image_newline = nn.Parameter(torch.zeros(config.lm.hidden_size))
         self.language_model = build_lm(config.lm)
 
+    def add_projector_context(self, kernel: int, channels: int) -> None:
+        """Give the projector a zero-initialised local-context branch (models/projector.py); the model's
+        outputs are unchanged until the branch is trained or loaded."""
+        import dataclasses
+
+        from .projector import LocalContext
+
+        if not self.config.has_vision:
+            raise InputError("this is a text-only model; it has no projector")
+        pc = dataclasses.replace(self.config.projector, context_kernel=int(kernel), context_channels=int(channels))
+        proj = self.multi_modal_projector
+        ref = proj.linear_1.weight
+        proj.context = LocalContext(pc.in_features, pc.context_channels, pc.context_kernel).to(ref.device, ref.dtype)
+        proj.config = pc
+        self.config = dataclasses.replace(self.config, projector=pc)
+
     # ------------------------------------------------------------------ visual side
     def num_image_tokens(self, image_size: tuple[int, int] | None = None, compression=None) -> int:
         """Visual tokens one image becomes in the LM input.
@@ -104,7 +120,8 @@ class LlavaModel(nn.Module):
         if not cfg.is_anyres:
             if pixel_values.dim() != 4:
                 raise InputError(f"pixel_values must be (N, C, H, W), got shape {tuple(pixel_values.shape)}")
-            feats = self.multi_modal_projector(self._select(pixel_values.to(dtype)))  # (N, T, D)
+            grid = tuple(int(x) // cfg.vision.patch_size for x in pixel_values.shape[-2:])
+            feats = self.multi_modal_projector(self._select(pixel_values.to(dtype)), grid)  # (N, T, D)
             return list(feats.unbind(0))
         if image_sizes is None:
             raise InputError(f"{cfg.architecture} needs image_sizes (one (h, w) per image) with pixel_values")
@@ -152,6 +169,19 @@ class LlavaModel(nn.Module):
                 f"tokens; the processor must expand each <image> into exactly the model's count")
         feats = torch.cat(list(image_features), dim=0).to(embeds.dtype)  # (n_slots, D)
         return embeds.masked_scatter(image_mask[..., None], feats)
+
+    def embed_compressed(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
+                         image_sizes: Tensor | None, compression) -> tuple[Tensor, Tensor | None]:
+        """`embed_inputs` plus the prompt's LM position ids (B, T) when `compression` asks to keep the
+        kept tokens' original ones (`pos=original`); None = the default consecutive ids."""
+        if compression is None or not compression.original_positions or pixel_values is None:
+            return self.embed_inputs(input_ids, pixel_values, image_sizes, compression=compression), None
+        if pixel_values.dim() != 4:
+            raise InputError(f"pixel_values must be (N, C, H, W), got shape {tuple(pixel_values.shape)}")
+        dtype = self.multi_modal_projector.linear_1.weight.dtype
+        feats = compression.image_features(self, pixel_values.to(dtype))
+        embeds = self.embed_inputs(input_ids, image_features=feats.features)
+        return embeds, compression.prompt_position_ids(input_ids, attention_mask, self.config.image_token_id, feats)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,

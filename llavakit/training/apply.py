@@ -1,6 +1,7 @@
 """Apply trained weights (a run's `trained.safetensors`) to a loaded model, without peft.
 
-The file holds the projector (feature standardisation already folded into `linear_1`), LoRA tensors
+The file holds the projector (feature standardisation already folded into `linear_1`; a local-context
+branch, when present, is added to the model with the file's kernel and width), LoRA tensors
 under `lora.<lm-relative name>.lora_A/B.weight` and the LoRA spec in its metadata. LoRA is merged as
 W += (alpha / r) * B @ A, so the result is a plain model that exports as an ordinary HF checkpoint.
 """
@@ -27,6 +28,9 @@ def apply_trained(model: torch.nn.Module, path: str | Path) -> dict:
         state = {k: f.get_tensor(k) for k in f.keys()}
     proj = {k[len("multi_modal_projector."):]: v for k, v in state.items() if k.startswith("multi_modal_projector.")}
     lm = model.language_model
+    if "context.conv.weight" in proj and not model.multi_modal_projector.has_context:
+        c, _, k, _ = proj["context.conv.weight"].shape  # (C, C, k, k): the branch this file was trained with
+        model.add_projector_context(k, c)
     with torch.no_grad():
         model.multi_modal_projector.load_state_dict(proj)
         spec = json.loads(meta.get("lora") or "null")

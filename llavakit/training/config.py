@@ -17,6 +17,7 @@ YES_NO_MODES = ("all", "balanced")
 STAGES = ("align", "instruct")
 PRECISIONS = ("fp32", "bf16")
 MODULES = ("vision_tower", "multi_modal_projector", "language_model")
+LR_EXTRA = ("lora", "projector_context")  # lr groups beside whole modules: LoRA tensors, the projector's context branch
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | constant | linear
     min_lr_ratio: float = 0.1
     train: tuple[str, ...] = ("multi_modal_projector",)  # modules trained in full
+    projector_context: int = 0  # k > 0: add the projector's k x k local-context branch (models/projector.py)
+    projector_context_channels: int = 64
     lora: LoraSpec | None = None  # LoRA on the language model (peft)
     cache_features: bool = True  # frozen tower: compute features once, train on the cache
     standardize_features: bool = True  # per-channel feature standardisation, folded into linear_1 on save
@@ -82,9 +85,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise InputError(f"unknown stage {self.stage!r}; valid: {', '.join(STAGES)}")
-        for m in (*self.train, *self.lr):
-            if m not in MODULES and m != "lora":
-                raise InputError(f"unknown module {m!r}; valid: {', '.join(MODULES)} (and 'lora' in lr)")
+        for m in self.train:
+            if m not in MODULES:
+                raise InputError(f"unknown module {m!r}; valid: {', '.join(MODULES)}")
+        for m in self.lr:
+            if m not in MODULES and m not in LR_EXTRA:
+                raise InputError(f"unknown module {m!r} in lr; valid: {', '.join(MODULES + LR_EXTRA)}")
+        if "projector_context" in self.lr and not self.projector_context:
+            raise InputError("lr names projector_context but the recipe adds no context branch (projector_context: 0)")
+        if self.projector_context < 0 or (self.projector_context and self.projector_context % 2 == 0):
+            raise InputError(f"projector_context must be 0 (none) or an odd kernel size, got {self.projector_context}")
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -61,6 +61,37 @@ def _lr_lambda(cfg: TrainConfig):
     return f
 
 
+def fold_standardization(proj: dict[str, Tensor], mu: Tensor, sd: Tensor) -> dict[str, Tensor]:
+    """Projector tensors trained on z = (x - mu) / sd -> tensors that take raw features x.
+
+    linear_1: W' = W / sd, b' = b - W' mu. The context branch (models/projector.py) adds r(z) to z, so
+    on raw features it must add sd * r: its `down` folds like linear_1 and its `up` is scaled by sd;
+    then MLP'(x + sd r) = MLP(z + r)."""
+    out = dict(proj)
+    for pre in ("linear_1", "context.down"):
+        if f"{pre}.weight" in out:
+            w = out[f"{pre}.weight"] / sd[None, :]
+            out[f"{pre}.weight"], out[f"{pre}.bias"] = w, out[f"{pre}.bias"] - w @ mu
+    if "context.up.weight" in out:
+        out["context.up.weight"] = out["context.up.weight"] * sd[:, None]
+        out["context.up.bias"] = out["context.up.bias"] * sd
+    return out
+
+
+def unfold_standardization(proj: dict[str, Tensor], mu: Tensor, sd: Tensor) -> dict[str, Tensor]:
+    """The inverse of `fold_standardization`."""
+    out = dict(proj)
+    for pre in ("linear_1", "context.down"):
+        if f"{pre}.weight" in out:
+            w = out[f"{pre}.weight"]
+            out[f"{pre}.bias"] = out[f"{pre}.bias"] + w @ mu
+            out[f"{pre}.weight"] = w * sd[None, :]
+    if "context.up.weight" in out:
+        out["context.up.weight"] = out["context.up.weight"] / sd[:, None]
+        out["context.up.bias"] = out["context.up.bias"] / sd
+    return out
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -77,6 +108,8 @@ class Trainer:
         model = self.model = self.vlm.model
         if not model.config.has_vision:
             raise InputError("training recipes need a vision-language model")
+        if cfg.projector_context:
+            model.add_projector_context(cfg.projector_context, cfg.projector_context_channels)
         model.requires_grad_(False)
         for name in cfg.train:
             model.get_submodule(name).requires_grad_(True)
@@ -108,9 +141,15 @@ class Trainer:
                 self.mu, self.sd = torch.zeros(d), torch.ones(d)
         self.params = [p for p in model.parameters() if p.requires_grad]
         groups = []
+        own_group = {id(p) for p in model.multi_modal_projector.context.parameters()} \
+            if "projector_context" in cfg.lr else set()
         for name, lr in cfg.lr.items():
-            ps = ([p for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n] if name == "lora"
-                  else [p for p in model.get_submodule(name).parameters() if p.requires_grad])
+            if name == "lora":
+                ps = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n]
+            elif name == "projector_context":
+                ps = [p for p in model.multi_modal_projector.context.parameters() if p.requires_grad]
+            else:
+                ps = [p for p in model.get_submodule(name).parameters() if p.requires_grad and id(p) not in own_group]
             if ps:
                 groups.append({"params": ps, "lr": lr})
         covered = {id(p) for g in groups for p in g["params"]}
@@ -133,10 +172,14 @@ class Trainer:
             state = {k: f.get_tensor(k).float() for k in f.keys()}  # fp32 (a shipped file stores fp16)
         self.mu, self.sd = state.pop("feature_mean"), state.pop("feature_std")
         proj = {k[len("multi_modal_projector."):]: v for k, v in state.items() if k.startswith("multi_modal_projector.")}
-        # unfold the standardisation (saved W' = W / sd, b' = b - W' mu): train in standardised space
-        proj["linear_1.bias"] = proj["linear_1.bias"] + proj["linear_1.weight"] @ self.mu
-        proj["linear_1.weight"] = proj["linear_1.weight"] * self.sd[None, :]
-        self.model.multi_modal_projector.load_state_dict(proj)
+        proj = unfold_standardization(proj, self.mu, self.sd)  # train in standardised space
+        has_ctx = any(k.startswith("context.") for k in proj)
+        if has_ctx and not self.model.multi_modal_projector.has_context:
+            raise InputError(f"init_from {path} has a projector context branch; set projector_context in the recipe")
+        missing, unexpected = self.model.multi_modal_projector.load_state_dict(proj, strict=False)
+        if unexpected or any(not k.startswith("context.") for k in missing) or (has_ctx and missing):
+            raise InputError(f"init_from {path}: projector tensors do not match this model "
+                             f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")
         lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
         if lora:
             if self.cfg.lora is None:
@@ -272,9 +315,7 @@ class Trainer:
         from safetensors.torch import save_file
 
         proj = {k: v.detach().clone() for k, v in self.model.multi_modal_projector.state_dict().items()}
-        w, b = proj["linear_1.weight"], proj["linear_1.bias"]
-        proj["linear_1.weight"] = w / self.sd[None, :]
-        proj["linear_1.bias"] = b - proj["linear_1.weight"] @ self.mu
+        proj = fold_standardization(proj, self.mu, self.sd)
         out = {f"multi_modal_projector.{k}": v.contiguous() for k, v in proj.items()}
         out.update({f"lora.{k}": v.contiguous() for k, v in lora_state(self.model.language_model).items()})
         out["feature_mean"], out["feature_std"] = self.mu.contiguous(), self.sd.contiguous()

@@ -90,6 +90,9 @@ def test_tokens_per_image():
 def test_projector_flops_tiny():
     assert projector_flops(TINY.projector, 4) == 2 * 4 * 8 * 8 + 2 * 4 * 8 * 8  # 1024
     assert projector_flops(ProjectorConfig(kind="linear", in_features=8, out_features=6), 4) == 2 * 4 * 8 * 6
+    # the local-context branch (8 -> 2, 3x3 conv 2 -> 2, 2 -> 8) runs on the full grid (16 tokens) before pruning
+    ctx = ProjectorConfig(kind="linear", in_features=8, out_features=6, context_kernel=3, context_channels=2)
+    assert projector_flops(ctx, 4, 16) == 2 * 4 * 8 * 6 + 2 * 16 * (8 * 2 + 18 * 2 + 2 * 8)
 
 
 def test_lm_layer_tiny():
