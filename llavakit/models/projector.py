@@ -71,6 +71,14 @@ class Projector(nn.Module):
         if config.context_kernel:
             self.context = LocalContext(config.in_features, config.context_channels, config.context_kernel)
 
+    def add_context(self, kernel: int, channels: int) -> None:
+        """Add a zero-initialised context branch (outputs unchanged until it is trained or loaded)."""
+        import dataclasses
+
+        self.config = dataclasses.replace(self.config, context_kernel=int(kernel), context_channels=int(channels))
+        ref = self.linear_1.weight
+        self.context = LocalContext(self.config.in_features, int(channels), int(kernel)).to(ref.device, ref.dtype)
+
     @property
     def has_context(self) -> bool:
         return bool(self.config.context_kernel)

@@ -53,16 +53,10 @@ class LlavaModel(nn.Module):
         outputs are unchanged until the branch is trained or loaded."""
         import dataclasses
 
-        from .projector import LocalContext
-
         if not self.config.has_vision:
             raise InputError("this is a text-only model; it has no projector")
-        pc = dataclasses.replace(self.config.projector, context_kernel=int(kernel), context_channels=int(channels))
-        proj = self.multi_modal_projector
-        ref = proj.linear_1.weight
-        proj.context = LocalContext(pc.in_features, pc.context_channels, pc.context_kernel).to(ref.device, ref.dtype)
-        proj.config = pc
-        self.config = dataclasses.replace(self.config, projector=pc)
+        self.multi_modal_projector.add_context(kernel, channels)
+        self.config = dataclasses.replace(self.config, projector=self.multi_modal_projector.config)
 
     # ------------------------------------------------------------------ visual side
     def num_image_tokens(self, image_size: tuple[int, int] | None = None, compression=None) -> int:
@@ -112,10 +106,7 @@ class LlavaModel(nn.Module):
         if not cfg.has_vision:
             raise InputError("this is a text-only model; it takes no images")
         if compression is not None:
-            if pixel_values.dim() != 4:
-                raise InputError(f"pixel_values must be (N, C, H, W), got shape {tuple(pixel_values.shape)}")
-            dtype = self.multi_modal_projector.linear_1.weight.dtype
-            return compression.image_features(self, pixel_values.to(dtype)).features
+            return self._compressed_features(pixel_values, compression).features
         dtype = self.multi_modal_projector.linear_1.weight.dtype
         if not cfg.is_anyres:
             if pixel_values.dim() != 4:
@@ -143,6 +134,12 @@ class LlavaModel(nn.Module):
                 vision_aspect_ratio=cfg.vision_aspect_ratio)
             for f, size in zip(feats.split(n_views, dim=0), sizes)
         ]
+
+    def _compressed_features(self, pixel_values: Tensor, compression):
+        """(N, C, H, W) views -> `compression.image_features` (an `ImageFeatures`: features + positions)."""
+        if pixel_values.dim() != 4:
+            raise InputError(f"pixel_values must be (N, C, H, W), got shape {tuple(pixel_values.shape)}")
+        return compression.image_features(self, pixel_values.to(self.multi_modal_projector.linear_1.weight.dtype))
 
     def _num_views(self, size: tuple[int, int]) -> int:
         rows, cols = anyres.anyres_grid_shape(size, self.config.image_grid_pinpoints, self.config.vision.image_size)
@@ -176,10 +173,7 @@ class LlavaModel(nn.Module):
         kept tokens' original ones (`pos=original`); None = the default consecutive ids."""
         if compression is None or not compression.original_positions or pixel_values is None:
             return self.embed_inputs(input_ids, pixel_values, image_sizes, compression=compression), None
-        if pixel_values.dim() != 4:
-            raise InputError(f"pixel_values must be (N, C, H, W), got shape {tuple(pixel_values.shape)}")
-        dtype = self.multi_modal_projector.linear_1.weight.dtype
-        feats = compression.image_features(self, pixel_values.to(dtype))
+        feats = self._compressed_features(pixel_values, compression)
         embeds = self.embed_inputs(input_ids, image_features=feats.features)
         return embeds, compression.prompt_position_ids(input_ids, attention_mask, self.config.image_token_id, feats)
 

@@ -292,6 +292,10 @@ def test_downsample_view_sizes(vlm, pixels):
     ("pool:size=3", "unknown parameter 'size'; valid: keep, count"),
     ("downsample:count=0", "count must be a positive integer"),
     ("downsample:keep=-1", "keep must be a ratio"),
+    ("fastv:layer=1:keep=0.5:pos=original", "pre-LLM token stages only"),
+    ("downsample:keep=0.5:pos=original", "pre-LLM token stages only"),
+    ("fastervlm:keep=0.5:pos=sideways", "pos must be one of compact, original"),
+    ("[random:keep=0.5:pos=original, fastervlm:keep=0.5]", "disagree on pos"),
 ])
 def test_bad_params_refused_at_parse(spec, match):
     with pytest.raises(InputError, match=match):
