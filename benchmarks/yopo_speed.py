@@ -14,7 +14,7 @@ entries of each layer, and YOPO's analytic "visual compute in the LM" skipped
 Specs: none; `yopo:window=5:ffn_ratio=2:layercut=<L/2>`; the same with `:heads=<file>` when a heads
 file is given (`--heads`) or calibrated here (`--calibrate N`: `yopo.calibrate` on the first N
 easy-vqa train questions (seed 1) at `--tau`, written to `--heads-out`); with `--components`, each
-component alone too, so the saving can be attributed.
+component alone too, so the saving can be attributed; each `--spec S` adds the yopo spec S.
 
 Usage (repo root):
     python benchmarks/yopo_speed.py --calibrate 8 --out docs/compression/yopo_speed.json     # the default model
@@ -37,7 +37,8 @@ QUESTION = "What shape is in the image, and what colour is it?"
 SAMPLE = Path(__file__).resolve().parents[1] / "llavakit" / "assets" / "sample.png"
 
 
-def specs_for(num_layers: int, heads: str | None, components: bool) -> dict[str, str | None]:
+def specs_for(num_layers: int, heads: str | None, components: bool,
+              extra: list[str] | None = None) -> dict[str, str | None]:
     cut = max(1, num_layers // 2)
     full = f"yopo:window=5:ffn_ratio=2:layercut={cut}"
     out = {"none": None, "yopo": full}
@@ -48,6 +49,8 @@ def specs_for(num_layers: int, heads: str | None, components: bool) -> dict[str,
                     f"layercut={cut} only": f"yopo:window=0:ffn_ratio=1:layercut={cut}"})
         if heads:
             out["heads only"] = f"yopo:window=0:ffn_ratio=1:heads={heads}"
+    for spec in extra or []:
+        out[spec] = spec
     return out
 
 
@@ -87,6 +90,8 @@ def main() -> None:
     ap.add_argument("--tau", type=float, default=0.1)
     ap.add_argument("--heads-out", default=None, help="where --calibrate writes the heads (default: a temp file)")
     ap.add_argument("--components", action="store_true", help="also time each component alone")
+    ap.add_argument("--spec", action="append", default=[],
+                    help="also time this yopo spec (repeatable), e.g. yopo:window=0:ffn_ratio=2:layercut=20")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="docs/compression/yopo_speed.json")
@@ -111,7 +116,7 @@ def main() -> None:
     n_vis = int((ids == vlm.config.image_token_id).sum())
     first = int((ids[0] == vlm.config.image_token_id).nonzero()[0])
     lc = vlm.config.lm
-    specs = specs_for(lc.num_hidden_layers, heads, args.components)
+    specs = specs_for(lc.num_hidden_layers, heads, args.components, args.spec)
     comps = {}
     for name, spec in specs.items():
         comps[name] = Compression.parse(spec)

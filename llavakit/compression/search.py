@@ -247,6 +247,23 @@ def calibration_items(task: str, limit: int, seed: int = 0) -> list:
     return out
 
 
+def calibration_set(tasks: str | Sequence[str], limit: int, seed: int = 0) -> list:
+    """`calibration_items` of each task (a comma-separated string or a list), `limit` per task, pooled in
+    task order: the metric is then accuracy over the pool (our choice: a token-hungry task such as
+    world-count beside easy-vqa keeps the search from accepting a schedule only an easy task survives).
+    Every name is checked before any item is drawn."""
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    if not names:
+        raise InputError("no calibration task given")
+    if len(set(names)) != len(names):
+        raise InputError(f"calibration task listed twice: {names}")
+    for t in names:
+        if t not in ("easyvqa", "easyvqa-open") and t not in WORLD_KINDS:
+            raise InputError(f"no calibration data for task {t!r}; valid: easyvqa, easyvqa-open, "
+                             f"{', '.join(WORLD_KINDS)}")
+    return [it for t in names for it in calibration_items(t, limit, seed)]
+
+
 def calibration_evaluator(vlm: Any, items: Sequence[Any], batch_size: int = 8, max_new_tokens: int = 8,
                           prefix: str | None = None) -> Evaluate:
     """`evaluate(ratios) -> accuracy`: greedy `vlm.chat_batch(..., compression="gsearch:ratios=...")` on
@@ -326,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Search a layer-wise visual-token keep schedule (G-Search / P-Sigmoid) "
                                             "on TRAIN calibration data.")
     p.add_argument("--model", default="default", help="model source (\"default\", a directory, a hub id)")
-    p.add_argument("--task", default="easyvqa", help=f"calibration task: easyvqa, easyvqa-open, {', '.join(WORLD_KINDS)}")
-    p.add_argument("--limit", type=int, default=64, help="calibration questions")
+    p.add_argument("--task", default="easyvqa", help=f"calibration task: easyvqa, easyvqa-open, {', '.join(WORLD_KINDS)}; "
+                   "several, comma-separated, are pooled (--limit questions of each)")
+    p.add_argument("--limit", type=int, default=64, help="calibration questions (per task)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="schedule JSON to write (read by gsearch:file=...)")
     p.add_argument("--grid", default=",".join(f"{g:g}" for g in GRID), help="G-Search ratio grid, comma-separated")
@@ -346,7 +364,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..loader import load
 
     grid = tuple(float(g) for g in str(args.grid).split(",") if g.strip())
-    items = calibration_items(args.task, args.limit, args.seed)  # bad task / limit fail before loading
+    items = calibration_set(args.task, args.limit, args.seed)  # bad task / limit fail before loading
     vlm = load(args.model, dtype=args.dtype, device=args.device)
     L = vlm.config.lm.num_hidden_layers
     evaluate = calibration_evaluator(vlm, items, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)

@@ -429,6 +429,18 @@ def test_easyvqa_calibration_uses_the_train_split():
     assert all(it.id.startswith("easyvqa-train-") for it in open_items)
 
 
+def test_calibration_set_pools_tasks_in_order():
+    pooled = search.calibration_set("world-colour, world-count", 3, seed=0)
+    assert [it.id for it in pooled] == [it.id for it in search.calibration_items("world-colour", 3, seed=0)
+                                        + search.calibration_items("world-count", 3, seed=0)]
+    assert [it.id for it in search.calibration_set(["world-count"], 2)] == [
+        it.id for it in search.calibration_items("world-count", 2)]
+    for bad, match in (("world-colour,nope", "no calibration data for task 'nope'"), (" , ", "no calibration task"),
+                       ("world-count,world-count", "listed twice")):
+        with pytest.raises(InputError, match=match):
+            search.calibration_set(bad, 2)
+
+
 def test_cli_writes_a_schedule_gsearch_reads(vlm, model_dir, tmp_path, images, capsys):
     out = tmp_path / "sched.json"
     rc = search.main(["--model", str(model_dir), "--task", "world-colour", "--limit", "2", "--out", str(out),

@@ -426,3 +426,18 @@ def test_back_to_back_images_use_the_models_grid(vlm, images):
     torch.testing.assert_close(got, explicit, atol=0, rtol=0)
     want = reference(vlm, inp, window=3)  # the reference cuts runs every 16 tokens (one 4x4 image each)
     _close_on_real(got, want, inp["attention_mask"])
+
+
+def test_yopo_speed_bench_times_extra_specs():
+    """benchmarks/yopo_speed.py --spec S adds S to the timed rows, after the fixed ones."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "yopo_speed.py"
+    spec = importlib.util.spec_from_file_location("bench_yopo_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    extra = "yopo:window=0:ffn_ratio=2:layercut=20"
+    specs = bench.specs_for(30, None, False, [extra])
+    assert specs == {"none": None, "yopo": "yopo:window=5:ffn_ratio=2:layercut=15", extra: extra}
+    assert list(bench.specs_for(30, None, False)) == ["none", "yopo"]
