@@ -3,10 +3,18 @@
 Features are the tower output after feature-layer selection (what the projector consumes), stored
 in fp16 safetensors shards `features-XXXX.safetensors` with a JSON index mapping image key -> row.
 Shards are written atomically (temp + rename), so an interrupted caching run resumes where it left off.
+
+`tower.json` records a fingerprint of what produced the features (the vision config, feature-layer
+selection, input size, the image preprocessing and a hash of the tower's weights); a cache built by
+another tower or preprocessing is refused with a clear error instead of being silently reused (ours:
+a cache from before the fingerprint existed is adopted as it is and stamped). Image keys are still the
+data source's names, so a changed image generator under the same key is not detected.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,9 +24,26 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from ..errors import InputError
 from .data import ImageGroup
 
 SHARD = 512
+TOWER = "tower.json"
+
+
+def tower_fingerprint(model, processor) -> str:
+    """What the cached features depend on: vision config, feature selection, the processor's image
+    settings and the exact tower weights (sha256 of their fp32 bytes in parameter order)."""
+    cfg = model.config
+    h = hashlib.sha256()
+    meta = {"vision": dataclasses.asdict(cfg.vision), "layer": cfg.vision_feature_layer,
+            "select": cfg.vision_feature_select_strategy, "input_size": cfg.input_size,
+            "architecture": cfg.architecture, "image": repr(getattr(processor, "image_config", None))}
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    for name, t in list(model.vision_tower.named_parameters()) + list(model.vision_tower.named_buffers()):
+        h.update(name.encode())
+        h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 class FeatureCache:
@@ -35,6 +60,7 @@ class FeatureCache:
         self.root.mkdir(parents=True, exist_ok=True)
         index_file = self.root / "index.json"
         index: dict[str, list] = json.loads(index_file.read_text()) if index_file.is_file() else {}
+        self._check_tower(tower_fingerprint(model, processor))
         loaders = {}
         for g in groups:
             loaders.setdefault(g.key, g.load)
@@ -64,6 +90,25 @@ class FeatureCache:
         self.table = torch.stack([shards[index[k][0]][index[k][1]] for k in wanted])  # (N, T, Dv)
         self.rows = {k: i for i, k in enumerate(wanted)}
         return self
+
+    def _check_tower(self, fp: str) -> None:
+        """Refuse a cache another tower/preprocessing wrote; stamp a new (or pre-fingerprint) one."""
+        path = self.root / TOWER
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text())["fingerprint"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise InputError(f"feature cache {self.root}: unreadable {TOWER} ({e}); delete the directory "
+                                 f"or point LLAVAKIT_FEATURE_CACHE elsewhere") from None
+            if saved != fp:
+                raise InputError(f"feature cache {self.root} was built by another vision tower or image "
+                                 f"preprocessing (fingerprint {saved}, this model {fp}): its features would be "
+                                 f"wrong for this run; point LLAVAKIT_FEATURE_CACHE at another directory or "
+                                 f"delete {self.root}")
+            return
+        tmp = path.with_name(TOWER + ".tmp")
+        tmp.write_text(json.dumps({"fingerprint": fp}))
+        os.replace(tmp, path)
 
     def get(self, keys: Sequence[str]) -> Tensor:
         assert self.table is not None

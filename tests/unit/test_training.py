@@ -86,6 +86,37 @@ def test_train_writes_weights_that_reload(tiny, tmp_path):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), k  # fp16 rounding
 
 
+def test_feature_cache_refuses_another_tower(tiny, tmp_path):
+    """The cache is stamped with the tower's fingerprint: the same tower reuses it (nothing recomputed);
+    a tower with other weights is refused before any feature is read, and the cache is left intact."""
+    from PIL import Image
+
+    from llavakit.training.data import ImageGroup
+    from llavakit.training.features import TOWER, FeatureCache
+
+    calls = []
+
+    def img():
+        calls.append(1)
+        return Image.new("RGB", (40, 30), (200, 30, 30))
+
+    groups = [ImageGroup("a", img, ()), ImageGroup("b", img, ())]
+    vlm = llavakit.load(str(tiny))
+    first = FeatureCache(tmp_path / "f").build(vlm.model, vlm.processor, groups)
+    assert len(calls) == 2 and (tmp_path / "f" / TOWER).is_file()
+    again = FeatureCache(tmp_path / "f").build(vlm.model, vlm.processor, groups)
+    assert len(calls) == 2 and torch.equal(first.get(["a", "b"]), again.get(["a", "b"]))
+    files = {p.name: p.read_bytes() for p in (tmp_path / "f").iterdir()}
+    with torch.no_grad():
+        next(vlm.model.vision_tower.parameters()).add_(0.01)
+    with pytest.raises(InputError, match="another vision tower"):
+        FeatureCache(tmp_path / "f").build(vlm.model, vlm.processor, groups)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "f").iterdir()} == files and len(calls) == 2
+    (tmp_path / "f" / TOWER).write_text("{not json")
+    with pytest.raises(InputError, match="unreadable"):
+        FeatureCache(tmp_path / "f").build(vlm.model, vlm.processor, groups)
+
+
 def test_init_from_continues_from_saved_weights(tiny, tmp_path):
     for d in "abc":
         (tmp_path / d).mkdir()
