@@ -275,8 +275,21 @@ def test_resume_refuses_other_model(tiny, tmp_path):
     recipe = _recipe(tmp_path, tiny, steps=2)
     train(recipe)
     other = build("llava_multilayer", tmp_path / "other")
-    with pytest.raises(InputError, match="different model"):
+    ckpt = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    # the run's feature cache (stamped by the first model's tower) refuses first; either refusal names why
+    with pytest.raises(InputError, match="different model|another vision tower"):
         train(recipe, resume=True, overrides={"model": str(other)})
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == ckpt
+    with pytest.raises(InputError, match="different model"):  # own cache: the checkpoint check speaks
+        _resume_with_cache(recipe, other, tmp_path / "cache2")
+
+
+def _resume_with_cache(recipe, model, cache):
+    os.environ["LLAVAKIT_FEATURE_CACHE"] = str(cache)
+    try:
+        train(recipe, resume=True, overrides={"model": str(model)})
+    finally:
+        del os.environ["LLAVAKIT_FEATURE_CACHE"]
 
 
 def test_existing_checkpoint_needs_resume(tiny, tmp_path):
