@@ -271,7 +271,7 @@ def test_resume_continues_identically(tiny, tmp_path):
     assert not list(resumed.glob(".checkpoint.pt.tmp-*"))
 
 
-def test_resume_refuses_other_model(tiny, tmp_path):
+def test_resume_refuses_other_model(tiny, tmp_path, monkeypatch):
     recipe = _recipe(tmp_path, tiny, steps=2)
     train(recipe)
     other = build("llava_multilayer", tmp_path / "other")
@@ -280,16 +280,9 @@ def test_resume_refuses_other_model(tiny, tmp_path):
     with pytest.raises(InputError, match="different model|another vision tower"):
         train(recipe, resume=True, overrides={"model": str(other)})
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == ckpt
+    monkeypatch.setenv("LLAVAKIT_FEATURE_CACHE", str(tmp_path / "cache2"))
     with pytest.raises(InputError, match="different model"):  # own cache: the checkpoint check speaks
-        _resume_with_cache(recipe, other, tmp_path / "cache2")
-
-
-def _resume_with_cache(recipe, model, cache):
-    os.environ["LLAVAKIT_FEATURE_CACHE"] = str(cache)
-    try:
-        train(recipe, resume=True, overrides={"model": str(model)})
-    finally:
-        del os.environ["LLAVAKIT_FEATURE_CACHE"]
+        train(recipe, resume=True, overrides={"model": str(other)})
 
 
 def test_existing_checkpoint_needs_resume(tiny, tmp_path):
