@@ -310,3 +310,20 @@ def test_torchrun_two_processes(tiny, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     logs = [json.loads(x) for x in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2]
+
+
+def test_every_shipped_recipe_parses():
+    """Each recipes/*.yaml is a valid TrainConfig (an unknown key or a bad value would fail here, not in
+    the middle of someone's hour-long run), and the documented init_from files exist."""
+    from pathlib import Path
+
+    from llavakit.training.config import TrainConfig
+
+    root = Path(__file__).resolve().parents[2]
+    recipes = sorted((root / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 6
+    for path in recipes:
+        cfg = TrainConfig.from_yaml(path)
+        assert cfg.steps > 0 and cfg.model == "default", path
+        if cfg.init_from:
+            assert (root / cfg.init_from).is_file(), f"{path.name}: init_from {cfg.init_from} is missing"
