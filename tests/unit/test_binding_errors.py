@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from llavakit.data.world.scene import Obj, Scene
 
 
@@ -28,3 +30,10 @@ def test_classify_and_summarise():
     s = mod.summarise([("ok", 1), ("ok", 2), ("other", 2), ("absent", 3)])
     assert s["n"] == 4 and s["accuracy"] == 50.0 and s["classes"] == {"ok": 2, "other": 1, "absent": 1}
     assert s["by_objects"]["2"] == {"n": 2, "accuracy": 50.0, "chance_among_scene_values": 50.0, "ok": 1, "other": 1}
+
+
+def test_unknown_task_is_refused_before_loading_a_model(capsys):
+    mod = _module()
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--tasks", "world-colour,world-count"])
+    assert e.value.code == 2 and "world-count" in capsys.readouterr().err
