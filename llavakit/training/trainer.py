@@ -98,7 +98,10 @@ class Trainer:
         self.out = Path(cfg.out_dir).expanduser()
 
     # ------------------------------------------------------------------ set-up
-    def setup(self) -> None:
+    def setup(self, resume: bool | None = None) -> None:
+        """Build model, data, feature cache and optimizer. With `resume` given (what `run` passes), the
+        out_dir's checkpoint is checked against this model and recipe first, before any feature is
+        computed: a checkpoint that needs --resume, or one of another model, is refused in seconds."""
         import llavakit
 
         cfg = self.cfg
@@ -119,6 +122,8 @@ class Trainer:
         if cfg.init_from:
             src = Path(cfg.init_from).expanduser()
             self._load_trained(src if src.suffix == ".safetensors" else src / TRAINED)
+        self.fp = checkpoint.fingerprint(model.config.to_dict(), cfg.to_dict())
+        self.resume_state = None if resume is None else self._check_out_dir(resume)
         self.ds = TurnLabeler(self.vlm.processor)
         self.groups: list[ImageGroup] = []
         sources = []
@@ -158,8 +163,17 @@ class Trainer:
                              f"{', '.join(cfg.train)}{' and lora' if cfg.lora else ''}")
         self.opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
-        self.fp = checkpoint.fingerprint(model.config.to_dict(), cfg.to_dict())
         self.step = 0
+
+    def _check_out_dir(self, resume: bool) -> dict[str, Any] | None:
+        """The checkpoint to resume from (None: start fresh); refuses a checkpoint of another model or
+        recipe, and a fresh start over an existing checkpoint. Reads nothing else, writes nothing."""
+        if resume:
+            return checkpoint.load(self.out, self.fp)
+        if (self.out / checkpoint.NAME).exists():
+            raise InputError(f"{self.out} already holds a checkpoint; pass --resume to continue it or "
+                             f"choose another out_dir")
+        return None
 
     def _load_trained(self, path: Path) -> None:
         from safetensors import safe_open
@@ -222,19 +236,15 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def run(self, resume: bool = False) -> Path:
         cfg = self.cfg
-        self.setup()
+        self.setup(resume=resume)
         log_path = self.out / "loss.jsonl"
-        if resume:
-            state = checkpoint.load(self.out, self.fp)
-            if state is not None:
-                self._restore(state)
-                if self.rank == 0 and log_path.is_file():  # drop log lines past the checkpoint
-                    keep = [x for x in log_path.read_text().splitlines() if x.strip()
-                            and json.loads(x)["step"] <= self.step]
-                    log_path.write_text("".join(x + "\n" for x in keep))
-        elif (self.out / checkpoint.NAME).exists():
-            raise InputError(f"{self.out} already holds a checkpoint; pass --resume to continue it or "
-                             f"choose another out_dir")
+        state, self.resume_state = self.resume_state, None
+        if state is not None:
+            self._restore(state)
+            if self.rank == 0 and log_path.is_file():  # drop log lines past the checkpoint
+                keep = [x for x in log_path.read_text().splitlines() if x.strip()
+                        and json.loads(x)["step"] <= self.step]
+                log_path.write_text("".join(x + "\n" for x in keep))
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))

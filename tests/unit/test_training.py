@@ -276,20 +276,25 @@ def test_resume_refuses_other_model(tiny, tmp_path, monkeypatch):
     train(recipe)
     other = build("llava_multilayer", tmp_path / "other")
     ckpt = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
-    # the run's feature cache (stamped by the first model's tower) refuses first; either refusal names why
-    with pytest.raises(InputError, match="different model|another vision tower"):
+    # the checkpoint is checked before the feature cache is opened, so its refusal is the one that speaks
+    with pytest.raises(InputError, match="different model"):
         train(recipe, resume=True, overrides={"model": str(other)})
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == ckpt
     monkeypatch.setenv("LLAVAKIT_FEATURE_CACHE", str(tmp_path / "cache2"))
-    with pytest.raises(InputError, match="different model"):  # own cache: the checkpoint check speaks
+    with pytest.raises(InputError, match="different model"):
         train(recipe, resume=True, overrides={"model": str(other)})
+    assert not (tmp_path / "cache2").exists()  # refused before any feature was computed
 
 
-def test_existing_checkpoint_needs_resume(tiny, tmp_path):
+def test_existing_checkpoint_needs_resume(tiny, tmp_path, monkeypatch):
     recipe = _recipe(tmp_path, tiny, steps=2)
     train(recipe)
     with pytest.raises(InputError, match="--resume"):
         train(recipe)
+    monkeypatch.setenv("LLAVAKIT_FEATURE_CACHE", str(tmp_path / "cache2"))
+    with pytest.raises(InputError, match="--resume"):
+        train(recipe)
+    assert not (tmp_path / "cache2").exists()  # refused before any feature was computed
 
 
 def test_unknown_key_is_named(tmp_path, tiny):
