@@ -167,7 +167,8 @@ class Trainer:
 
     def _check_out_dir(self, resume: bool) -> dict[str, Any] | None:
         """The checkpoint to resume from (None: start fresh); refuses a checkpoint of another model or
-        recipe, and a fresh start over an existing checkpoint. Reads nothing else, writes nothing."""
+        recipe, and a fresh start over an existing checkpoint. Touches nothing but the stray temp files
+        of an interrupted save (`checkpoint.load` removes them)."""
         if resume:
             return checkpoint.load(self.out, self.fp)
         if (self.out / checkpoint.NAME).exists():
