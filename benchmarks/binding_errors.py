@@ -11,9 +11,8 @@ triangle?"), every generated answer is put in one of three classes (ours):
 
 and split by the number of objects in the scene. If one-object scenes are answered right and the
 accuracy on n-object scenes is near 1/n, the model sees every value but does not bind it to the object
-asked about. Same items and prompts as ``llavakit eval`` (task seed 0, bf16, greedy); the answer is
-compared as a plain string (lower case, a trailing full stop dropped), a little stricter than eval's
-normalised exact match, so accuracy can sit a fraction of a point under eval's on the same items.
+asked about. Same items, prompts and scoring as ``llavakit eval`` (task seed 0, bf16, greedy): the
+answer is read with eval's normalised exact-match rule (`llavakit.eval.scoring.extract_answer`).
 
     python benchmarks/binding_errors.py --tasks world-colour,world-shape,world-position --limit 180 \
         [--weights RUN/trained.safetensors] --out docs/eval/binding-errors.json
@@ -27,7 +26,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -38,13 +37,16 @@ def asked_value(scene: Any, obj: Any, attr: str) -> str:
     return scene.position(obj) if attr == "position" else getattr(obj, attr)
 
 
-def classify(prediction: str, answer: str, scene: Any, attr: str) -> str:
-    """"ok", "other" (another object's value of `attr`) or "absent" for one generated answer."""
-    p = prediction.strip().lower().rstrip(".").strip()
-    if p == answer:
+def classify(prediction: str, answer: str, scene: Any, attr: str, choices: Sequence[str]) -> str:
+    """"ok", "other" (another object's value of `attr`) or "absent" for one generated answer; the
+    answer is the option of `choices` eval's scoring reads from `prediction`."""
+    from llavakit.eval.scoring import extract_answer, normalize
+
+    got, gold = extract_answer(prediction, [*choices, answer]), normalize(answer)
+    if got == gold:
         return "ok"
-    others = {asked_value(scene, o, attr) for o in scene.objects} - {answer}
-    return "other" if p in others else "absent"
+    others = {normalize(asked_value(scene, o, attr)) for o in scene.objects} - {gold}
+    return "other" if got in others else "absent"
 
 
 def summarise(rows: list[tuple[str, int]]) -> dict[str, Any]:
@@ -80,7 +82,7 @@ def run(tasks: list[str], limit: int, weights: str | None, batch_size: int) -> d
         for s in range(0, len(items), batch_size):
             b = items[s:s + batch_size]
             preds += vlm.chat_batch([it.prompt for it in b], [list(it.images) for it in b], max_new_tokens=8)
-        rows = [(classify(p, it.answer, w.scene, ASKED[task]), len(w.scene.objects))
+        rows = [(classify(p, it.answer, w.scene, ASKED[task], it.choices), len(w.scene.objects))
                 for w, it, p in zip(raw, items, preds)]
         out[task] = summarise(rows)
     return out

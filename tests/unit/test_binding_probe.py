@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
+
+from tests.benchmarks import load_benchmark
 
 
 def _probe_module():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "binding_probe.py"
-    spec = importlib.util.spec_from_file_location("bench_binding_probe", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("binding_probe")
 
 
 def _scenes(n: int, g: torch.Generator, shape_at_centre_only: bool):

@@ -289,13 +289,9 @@ def test_cli_refuses_model_incompatible_spec_before_compute(model_dir, tmp_path,
 
 
 def test_benchmark_script_on_the_tiny_model(model_dir, tmp_path, monkeypatch):
-    import importlib.util
-    from pathlib import Path
+    from tests.benchmarks import load_benchmark
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "compression.py"
-    spec = importlib.util.spec_from_file_location("bench_compression", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("compression")
     monkeypatch.setitem(TASKS._items, "oracle-bench", lambda: OracleTask("oracle-bench", (1, 2)))
     out = tmp_path / "bench"
     assert bench.main(["--model", str(model_dir), "--tasks", "oracle-bench", "--methods", "fastervlm",

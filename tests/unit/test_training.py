@@ -320,8 +320,6 @@ def test_torchrun_two_processes(tiny, tmp_path):
 def test_every_shipped_recipe_parses():
     """Each recipes/*.yaml is a valid TrainConfig (an unknown key or a bad value would fail here, not in
     the middle of someone's hour-long run), and the documented init_from files exist."""
-    from pathlib import Path
-
     from llavakit.training.config import TrainConfig
 
     root = Path(__file__).resolve().parents[2]

@@ -430,13 +430,9 @@ def test_back_to_back_images_use_the_models_grid(vlm, images):
 
 def test_yopo_speed_bench_times_extra_specs():
     """benchmarks/yopo_speed.py --spec S adds S to the timed rows, after the fixed ones."""
-    import importlib.util
-    from pathlib import Path
+    from tests.benchmarks import load_benchmark
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "yopo_speed.py"
-    spec = importlib.util.spec_from_file_location("bench_yopo_speed", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("yopo_speed")
     extra = "yopo:window=0:ffn_ratio=2:layercut=20"
     specs = bench.specs_for(30, None, False, [extra])
     assert specs == {"none": None, "yopo": "yopo:window=5:ffn_ratio=2:layercut=15", extra: extra}
