@@ -78,6 +78,9 @@ class TrainConfig:
     cache_features: bool = True  # frozen tower: compute features once, train on the cache
     standardize_features: bool = True  # per-channel feature standardisation, folded into linear_1 on save
     precision: str = "fp32"  # fp32 | bf16 (autocast of the LM compute; trained weights and optimizer stay fp32)
+    visual_token_drop: float = 0.0  # chance per sequence of hiding visual tokens (training/token_drop.py)
+    visual_token_keep: tuple[float, float] = (0.05, 0.5)  # share of visual tokens left visible, drawn uniformly
+    visual_token_select: str = "random"  # which stay visible: random | cls (top [CLS] attention, as FasterVLM)
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -104,6 +107,14 @@ class TrainConfig:
             raise InputError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if not self.data:
             raise InputError("a training config needs at least one data source (`data:`)")
+        if not 0.0 <= self.visual_token_drop <= 1.0:
+            raise InputError(f"visual_token_drop must be a probability in [0, 1], got {self.visual_token_drop}")
+        if self.visual_token_select not in ("random", "cls"):
+            raise InputError(f"unknown visual_token_select {self.visual_token_select!r}; valid: random, cls")
+        keep = self.visual_token_keep
+        if (len(keep) != 2 or not all(isinstance(x, (int, float)) for x in keep)
+                or not 0.0 < keep[0] <= keep[1] <= 1.0):
+            raise InputError(f"visual_token_keep must be [low, high] with 0 < low <= high <= 1, got {list(keep)}")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "TrainConfig":
@@ -118,6 +129,11 @@ class TrainConfig:
             kw["lora"] = LoraSpec(**lora)
         if "train" in kw:
             kw["train"] = tuple(kw["train"])
+        if "visual_token_keep" in kw:
+            keep = kw["visual_token_keep"]
+            if not isinstance(keep, (list, tuple)):
+                raise InputError(f"visual_token_keep must be a list [low, high], got {keep!r}")
+            kw["visual_token_keep"] = tuple(keep)
         return cls(**kw)
 
     @classmethod

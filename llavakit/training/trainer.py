@@ -35,6 +35,7 @@ from . import checkpoint
 from .config import TrainConfig
 from .data import ImageGroup, build_groups, mix
 from .features import FeatureCache
+from .token_drop import cls_scores, drop_visual_tokens, step_generator
 from .lora import apply_lora, grow_lora_state, load_lora_state, lora_state
 from .packing import block_mask, collate_packed, pack
 
@@ -111,6 +112,11 @@ class Trainer:
         model = self.model = self.vlm.model
         if not model.config.has_vision:
             raise InputError("training recipes need a vision-language model")
+        if cfg.visual_token_drop > 0 and cfg.visual_token_select == "cls" and not (
+                model.vision_tower.has_cls and model.config.vision_feature_select_strategy == "default"):
+            raise InputError("visual_token_select: cls needs a vision tower with a [CLS] token and the 'default' "
+                             f"feature selection ({model.config.vision.family}, "
+                             f"{model.config.vision_feature_select_strategy!r} here); use random")
         if cfg.projector_context:
             model.add_projector_context(cfg.projector_context, cfg.projector_context_channels)
         model.requires_grad_(False)
@@ -209,7 +215,8 @@ class Trainer:
             load_lora_state(self.model.language_model, lora)
 
     # ------------------------------------------------------------------ one step
-    def loss(self, groups: list[ImageGroup]) -> Tensor:
+    def loss(self, groups: list[ImageGroup], where: tuple[int, int] = (0, 0)) -> Tensor:
+        """Mean next-token loss of one micro-batch; `where` = (step, micro-step) seeds visual-token drop."""
         model, lm = self.model, self.model.language_model
         examples = [pack(self.ds, g.key, g.blocks, self.n_image_tokens) for g in groups]
         batch = collate_packed(examples, self.vlm.processor._pad_id())
@@ -219,9 +226,17 @@ class Trainer:
         img_mask = ids == model.config.image_token_id
         emb = lm.embed(ids.masked_fill(img_mask, 0))
         emb = emb.masked_scatter(img_mask[..., None], img.reshape(-1, img.shape[-1]).to(emb.dtype))
+        mask = block_mask(batch["block_ids"], batch["valid"])  # (B, 1, T, T)
+        if self.cfg.visual_token_drop > 0:
+            gen = step_generator(self.cfg.seed, where[0], where[1], self.rank)
+            scores = None
+            if self.cfg.visual_token_select == "cls":  # images re-rendered/loaded: cheap beside the LM step
+                scores = cls_scores(model, self.vlm.processor, [g.load() for g in groups])  # (B, N)
+            mask = drop_visual_tokens(mask, img_mask, self.cfg.visual_token_drop, self.cfg.visual_token_keep, gen,
+                                      scores)
         # bf16: autocast of the LM matmuls (5x the fp32 matmul rate on AVX512-BF16 CPUs); the loss is fp32
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-            hidden = lm(emb, attention_mask=block_mask(batch["block_ids"], batch["valid"]),
+            hidden = lm(emb, attention_mask=mask,
                         position_ids=batch["position_ids"])
             tgt = batch["labels"][:, 1:]
             sel = tgt != IGNORE_INDEX
@@ -256,7 +271,7 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             total = 0.0
             for micro in range(cfg.grad_accum):
-                loss = self.loss(self._batch_groups(self.step, micro)) / cfg.grad_accum
+                loss = self.loss(self._batch_groups(self.step, micro), (self.step, micro)) / cfg.grad_accum
                 loss.backward()
                 total += float(loss.detach())
             if self.world > 1:

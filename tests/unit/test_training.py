@@ -226,8 +226,8 @@ def test_non_finite_steps_are_skipped_and_a_diverged_run_stops(tiny, tmp_path, m
 
     real = Trainer.loss
 
-    def loss_nan_at_step_3(self, groups):
-        out = real(self, groups)
+    def loss_nan_at_step_3(self, groups, where=(0, 0)):
+        out = real(self, groups, where)
         return out * float("nan") if self.step == 2 else out
 
     monkeypatch.setattr(Trainer, "loss", loss_nan_at_step_3)
@@ -238,7 +238,7 @@ def test_non_finite_steps_are_skipped_and_a_diverged_run_stops(tiny, tmp_path, m
 
     assert all(torch.isfinite(v).all() for v in load_file(str(out / "trained.safetensors")).values())
 
-    monkeypatch.setattr(Trainer, "loss", lambda self, groups: real(self, groups) * float("nan"))
+    monkeypatch.setattr(Trainer, "loss", lambda self, groups, where=(0, 0): real(self, groups, where) * float("nan"))
     monkeypatch.setattr(trainer_mod, "MAX_BAD_STEPS", 2)
     (tmp_path / "b").mkdir()
     with pytest.raises(TrainingError, match="non-finite"):
@@ -269,6 +269,42 @@ def test_resume_continues_identically(tiny, tmp_path):
     a, b = load_file(str(full / "trained.safetensors")), load_file(str(resumed / "trained.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list(resumed.glob(".checkpoint.pt.tmp-*"))
+
+
+@pytest.mark.parametrize("select", ["random", "cls"])
+def test_visual_token_drop_changes_the_loss_and_resumes_identically(tiny, tmp_path, select):
+    """Hiding visual tokens changes what the text sees (so the loss), is drawn per (seed, step), and a
+    run resumed from its step-4 checkpoint ends with the same weights as the uninterrupted one."""
+    kw = {"visual_token_drop": 1.0, "visual_token_keep": [0.2, 0.4], "visual_token_select": select}
+    for d in "pdab":
+        (tmp_path / d).mkdir()
+    plain = Trainer(TrainConfig.from_dict(yaml.safe_load(_recipe(tmp_path / "p", tiny).read_text())))
+    drop = Trainer(TrainConfig.from_dict(yaml.safe_load(_recipe(tmp_path / "d", tiny, **kw).read_text())))
+    plain.setup()
+    drop.setup()
+    groups = plain._batch_groups(0, 0)
+    with torch.no_grad():
+        a, b, c = plain.loss(groups, (0, 0)), drop.loss(groups, (0, 0)), drop.loss(groups, (0, 0))
+    assert torch.isfinite(b) and float(a) != float(b) and float(b) == float(c)
+
+    full = train(_recipe(tmp_path / "a", tiny, **kw))
+    recipe = _recipe(tmp_path / "b", tiny, **kw)
+    part = Trainer(TrainConfig.from_dict(yaml.safe_load(recipe.read_text())))
+    part.setup()
+    part.out.mkdir(parents=True, exist_ok=True)
+    while part.step < 4:
+        part.opt.zero_grad()
+        part.loss(part._batch_groups(part.step, 0), (part.step, 0)).backward()
+        torch.nn.utils.clip_grad_norm_(part.params, 1.0)
+        part.opt.step()
+        part.sched.step()
+        part.step += 1
+    checkpoint.save(part.out, part._state())
+    resumed = train(recipe, resume=True)
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(full / "trained.safetensors")), load_file(str(resumed / "trained.safetensors"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def test_resume_refuses_other_model(tiny, tmp_path, monkeypatch):

@@ -1,0 +1,68 @@
+"""Visual-token dropout for training (llavakit/training/token_drop.py)."""
+
+import pytest
+import torch
+
+from llavakit.errors import InputError
+from llavakit.training.config import TrainConfig
+from llavakit.training.packing import block_mask
+from llavakit.training.token_drop import drop_visual_tokens, step_generator
+
+
+def _batch(b=3, prefix=2, n_img=20, text=6):
+    t = prefix + n_img + text
+    image = torch.zeros(b, t, dtype=torch.bool)
+    image[:, prefix:prefix + n_img] = True
+    blocks = torch.zeros(b, t, dtype=torch.long)
+    blocks[:, prefix + n_img:] = 1
+    valid = torch.ones(b, t, dtype=torch.bool)
+    return block_mask(blocks, valid), image
+
+
+def test_hidden_tokens_are_keys_for_no_other_query():
+    mask, image = _batch()
+    before = mask.clone()
+    out = drop_visual_tokens(mask, image, 1.0, (0.25, 0.25), step_generator(0, 3, 0, 0))
+    assert torch.equal(mask, before)  # the input mask is not modified
+    last = out[:, 0, -1]  # (B, T): what the last text token sees
+    for i in range(3):
+        seen = last[i, image[i]]
+        assert int(seen.sum()) == 5  # 25 % of 20 image tokens stay visible
+        hidden = image[i].nonzero().flatten()[~seen]
+        # no query but the token itself sees a hidden token, and it still sees itself
+        cols = out[i, 0][:, hidden]
+        assert int(cols.sum()) == hidden.numel()
+        assert bool(out[i, 0, hidden, hidden].all())
+        # text and prefix keys are untouched
+        assert torch.equal(out[i, 0][:, ~image[i]], mask[i, 0][:, ~image[i]])
+
+
+def test_probability_zero_changes_nothing_and_draw_is_deterministic():
+    mask, image = _batch()
+    assert torch.equal(drop_visual_tokens(mask, image, 0.0, (0.05, 0.5), step_generator(1, 2, 0, 0)), mask)
+    a = drop_visual_tokens(mask, image, 0.5, (0.05, 0.5), step_generator(1, 2, 0, 0))
+    b = drop_visual_tokens(mask, image, 0.5, (0.05, 0.5), step_generator(1, 2, 0, 0))
+    c = drop_visual_tokens(mask, image, 0.5, (0.05, 0.5), step_generator(1, 3, 0, 0))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_at_least_one_token_stays_visible():
+    mask, image = _batch(b=8)
+    out = drop_visual_tokens(mask, image, 1.0, (0.01, 0.01), step_generator(0, 0, 0, 0))
+    assert (out[:, 0, -1][image].view(8, -1).sum(1) == 1).all()
+
+
+@pytest.mark.parametrize("kw,needle", [({"visual_token_drop": 1.5}, "visual_token_drop"),
+                                        ({"visual_token_keep": [0.5, 0.2]}, "visual_token_keep"),
+                                        ({"visual_token_keep": [0, 0.2]}, "visual_token_keep"),
+                                        ({"visual_token_keep": 0.3}, "visual_token_keep")])
+def test_config_refuses_bad_drop_settings(kw, needle):
+    raw = {"data": [{"kind": "world-qa", "n": 2}], **kw}
+    with pytest.raises(InputError, match=needle):
+        TrainConfig.from_dict(raw)
+
+
+def test_config_reads_drop_settings():
+    cfg = TrainConfig.from_dict({"data": [{"kind": "world-qa", "n": 2}], "visual_token_drop": 0.5,
+                                 "visual_token_keep": [0.1, 0.4]})
+    assert cfg.visual_token_drop == 0.5 and cfg.visual_token_keep == (0.1, 0.4)
