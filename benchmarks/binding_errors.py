@@ -69,12 +69,7 @@ def run(tasks: list[str], limit: int, weights: str | None, batch_size: int) -> d
     from llavakit.data.world import eval_items
     from llavakit.eval.tasks.world import WorldTask
 
-    if weights:
-        from llavakit.training.apply import apply_trained
-        vlm = llavakit.load("default", dtype=torch.bfloat16, trained=False)
-        apply_trained(vlm.model, Path(weights).expanduser())
-    else:
-        vlm = llavakit.load("default", dtype=torch.bfloat16)
+    vlm = llavakit.load("default", dtype=torch.bfloat16, trained=weights or True)
     out = {}
     for task in tasks:
         raw, items = eval_items(task, limit, 0), WorldTask(task).items(limit, 0)

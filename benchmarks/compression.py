@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--speed-image", default=None, help="default: llavakit/assets/sample.png")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--weights", default=None, help="a training run's trained.safetensors (default: the shipped weights)")
     p.add_argument("--skip-grid", action="store_true", help="only the speed measurement")
     p.add_argument("--skip-speed", action="store_true", help="only the grid (speed.json is left as it is)")
     p.add_argument("--out", default="docs/compression")
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
         tasks = resolve_tasks([t.strip() for t in a.tasks.split(",") if t.strip()])
         plan_grid(a.methods, a.keeps)
         speed_keeps = parse_keeps(a.speed_keeps)
-        vlm = llavakit.load(a.model, dtype=a.dtype)
+        vlm = llavakit.load(a.model, dtype=a.dtype, trained=a.weights or True)
         plan_grid(a.methods, a.keeps, vlm.model)
         specs = {"none": None, **{f"{a.speed_method}@{k:g}": with_budget(a.speed_method, k) for k in speed_keeps}}
         for s in specs.values():

@@ -39,13 +39,11 @@ def question_kind(question: str) -> str:
 def kind_loss(weights: str, scenes: int, seed: int, dtype: torch.dtype) -> dict:
     import llavakit
     from llavakit.data.dataset import IGNORE_INDEX, TurnLabeler
-    from llavakit.training.apply import apply_trained
     from llavakit.training.config import DataSource
     from llavakit.training.data import build_groups
     from llavakit.training.packing import block_mask, collate_packed, pack
 
-    vlm = llavakit.load("default", trained=False)
-    apply_trained(vlm.model, Path(weights).expanduser())
+    vlm = llavakit.load("default", trained=weights)
     model, lm = vlm.model, vlm.model.language_model
     labeler = TurnLabeler(vlm.processor)
     n_img = model.num_image_tokens()

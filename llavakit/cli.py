@@ -96,7 +96,7 @@ def cmd_convert(model: str, out: str, dtype: str | None) -> int:
 
 def cmd_eval(model: str, tasks: str, limit: int | None, batch_size: int, max_new_tokens: int, seed: int,
              shuffled_control: bool, out: str | None, compression: str | None, dtype: str | None,
-             progress: bool, keep: str | None = None) -> int:
+             progress: bool, keep: str | None = None, weights: str | None = None) -> int:
     import time
     from pathlib import Path
 
@@ -120,7 +120,7 @@ def cmd_eval(model: str, tasks: str, limit: int | None, batch_size: int, max_new
         from .compression import Compression
 
         Compression.parse(compression)  # a bad spec fails before the model loads
-    vlm = load(model, dtype=dtype)
+    vlm = load(model, dtype=dtype, trained=weights if weights else True)
     if out is None:
         name = Path(str(model).rstrip("/\\")).name or "model"
         out = str(Path("eval_out") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -276,9 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "--compression method runs at each ratio, plus one uncompressed reference; writes "
                         "grid.json, grid.md and accuracy-vs-cost plots")
     e.add_argument("--dtype", default=None)
+    e.add_argument("--weights", default=None,
+                   help="a training run's trained.safetensors (or its out_dir) to evaluate instead of the shipped "
+                        "default weights, e.g. ~/.cache/llavakit/runs/default-bind")
     e.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
     e.set_defaults(fn=lambda a: cmd_eval(a.model, a.tasks, a.limit, a.batch_size, a.max_new_tokens, a.seed,
-                                         a.shuffled_control, a.out, a.compression, a.dtype, a.progress, a.keep))
+                                         a.shuffled_control, a.out, a.compression, a.dtype, a.progress, a.keep,
+                                         a.weights))
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat completions, streaming, batching)",
                         description="Serve a model over an OpenAI-compatible API: POST /v1/chat/completions "

@@ -36,17 +36,30 @@ LLAVAKIT_META = "llavakit.json"
 
 
 def load(source: str | os.PathLike = "default", dtype: Any = None, device: Any = None,
-         compression: Any = None, trained: bool = True) -> VLM:
+         compression: Any = None, trained: bool | str | os.PathLike = True) -> VLM:
     """Load a model: "default", a local HF-format directory, or a hub id. dtype None = float32.
     `compression`: a compression spec (e.g. "fastervlm:keep=0.1") every call uses unless it passes its own.
-    `trained`: for "default", apply the trained projector + LoRA shipped in the package (False: the
-    untrained assembly, what the training recipe starts from)."""
+    `trained`: True: for "default", apply the trained projector + LoRA shipped in the package; False: the
+    untrained assembly, what the training recipe starts from; a path: a training run's
+    `trained.safetensors` (or its out_dir), applied instead, on any source."""
     from .compression import Compression
 
     comp = Compression.parse(compression)  # a bad spec fails before any weight is read
+    weights = None
+    if not isinstance(trained, bool):
+        weights = Path(trained).expanduser()
+        if weights.is_dir():
+            weights = weights / "trained.safetensors"
+        if not weights.is_file():
+            raise CheckpointError(f"trained weights {weights} do not exist (pass a run's trained.safetensors "
+                                  f"or its out_dir)")  # before any model weight is read
     path = resolve_source(source)
     vlm = load_dir(path, dtype=dtype, device=device, source=str(source))
-    if str(source) == "default" and trained:
+    if weights is not None:
+        from .training.apply import apply_trained
+
+        apply_trained(vlm.model, weights)
+    elif str(source) == "default" and trained:
         from .default.build import trained_weights
         from .training.apply import apply_trained
 

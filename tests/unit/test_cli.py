@@ -81,6 +81,9 @@ def test_eval_bad_task_and_compression(model_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(model_dir), "--tasks", "world-colour", "--limit", "1",
                  "--compression", "fastv:0.5", "--out", str(tmp_path)]) == 2
     assert "bad compression parameter" in capsys.readouterr().err
+    assert main(["eval", "--model", str(model_dir), "--tasks", "world-colour", "--limit", "1",
+                 "--weights", str(tmp_path / "no-run"), "--out", str(tmp_path / "o")]) == 2
+    assert "do not exist" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_chat_session_multi_turn_and_bad_input(model_dir, tmp_path):

@@ -84,6 +84,22 @@ def test_train_writes_weights_that_reload(tiny, tmp_path):
     apply_trained(other.model, half)
     for (k, a), b in zip(vlm.model.named_parameters(), other.model.parameters()):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), k  # fp16 rounding
+    # load(trained=RUN) applies a run's weights (the file or its out_dir), the same as apply_trained
+    for src in (out, out / "trained.safetensors"):
+        via = llavakit.load(str(tiny), trained=src)
+        for (k, a), b in zip(vlm.model.named_parameters(), via.model.parameters()):
+            assert torch.equal(a, b), k
+
+
+def test_load_refuses_missing_trained_weights_before_reading_the_model(tiny, tmp_path, monkeypatch):
+    from llavakit import loader
+    from llavakit.errors import CheckpointError
+
+    monkeypatch.setattr(loader, "load_dir", lambda *a, **k: pytest.fail("model read before the weights were checked"))
+    with pytest.raises(CheckpointError, match="do not exist"):
+        llavakit.load(str(tiny), trained=tmp_path / "nothing" / "trained.safetensors")
+    with pytest.raises(CheckpointError, match="do not exist"):
+        llavakit.load(str(tiny), trained=tmp_path)  # an out_dir without trained.safetensors
 
 
 def test_feature_cache_refuses_another_tower(tiny, tmp_path):
