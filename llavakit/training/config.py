@@ -16,6 +16,7 @@ DATA_KINDS = ("easyvqa", "world-caption", "world-instruction", "world-qa", "worl
 YES_NO_MODES = ("all", "balanced")
 STAGES = ("align", "instruct")
 PRECISIONS = ("fp32", "bf16")
+TOKEN_SELECT = ("random", "cls")  # visual_token_select: which visual tokens stay visible (training/token_drop.py)
 MODULES = ("vision_tower", "multi_modal_projector", "language_model")
 LR_EXTRA = ("lora", "projector_context")  # lr groups beside whole modules: LoRA tensors, the projector's context branch
 
@@ -109,8 +110,9 @@ class TrainConfig:
             raise InputError("a training config needs at least one data source (`data:`)")
         if not 0.0 <= self.visual_token_drop <= 1.0:
             raise InputError(f"visual_token_drop must be a probability in [0, 1], got {self.visual_token_drop}")
-        if self.visual_token_select not in ("random", "cls"):
-            raise InputError(f"unknown visual_token_select {self.visual_token_select!r}; valid: random, cls")
+        if self.visual_token_select not in TOKEN_SELECT:
+            raise InputError(f"unknown visual_token_select {self.visual_token_select!r}; "
+                             f"valid: {', '.join(TOKEN_SELECT)}")
         keep = self.visual_token_keep
         if (len(keep) != 2 or not all(isinstance(x, (int, float)) for x in keep)
                 or not 0.0 < keep[0] <= keep[1] <= 1.0):

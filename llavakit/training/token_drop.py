@@ -1,12 +1,12 @@
-"""Visual-token dropout for training: hide a random subset of an image's tokens from every text token.
+"""Visual-token dropout for training: hide part of an image's tokens from every text token.
 
 Why (ours, measured in docs/default-model-training.md): the stage-D default model answers colour and
 shape questions from a few tokens that summarise the whole image, not from the asked object's own
 patches. Keep only the object's patches (FasterVLM at keep 10 %) and easy-vqa colour answers fall from
-97 to 73 %; with several objects it names the wrong object's colour half of the time. Hiding a random
-share of the visual tokens during training removes those summary tokens from most steps, so the model
-must read what it is asked about from the tokens that remain, and it also learns the inputs the
-pruning methods of issue 4 give it at inference.
+97 to 73 %; with several objects it names the wrong object's colour half of the time. Hiding tokens
+during training takes those summary tokens away in part of the steps, so the model must read what it
+is asked about from the tokens that remain, and it also learns the inputs the pruning methods of
+`llavakit.compression` give it at inference.
 
 Which tokens stay: `random` (a uniform subset) or `cls` — the top tokens by the vision tower's [CLS]
 attention, FasterVLM's score (llavakit/visual/fastervlm.py), which keeps the objects and hides the
@@ -22,8 +22,9 @@ still sees itself (no empty attention row); no label sits on an image token, so 
 never scored. Which images, how many tokens and which ones are drawn from a generator seeded by
 (run seed, step, micro-step, rank), so a resumed run hides exactly what the uninterrupted run would.
 
-Related work: random visual-token dropping while training appears in e.g. LLaVA-Mini / Dynamic-LLaVA
-style pruning-aware fine-tuning; the uniform keep-ratio draw and masking-not-removing are our choices.
+Related work: Dynamic-LLaVA and ATP-LLaVA train *learned* token selectors with the model; here the
+selection is fixed (random or [CLS] attention) and only the model adapts to it. The whole scheme — the
+probability, the uniform keep-share draw, masking instead of removing — is ours.
 """
 
 from __future__ import annotations
@@ -37,9 +38,6 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
     g = torch.Generator()
     g.manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 131 + rank)
     return g
-
-
-SELECT = ("random", "cls")
 
 
 def cls_scores(model, processor, images) -> Tensor:

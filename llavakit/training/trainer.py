@@ -35,9 +35,9 @@ from . import checkpoint
 from .config import TrainConfig
 from .data import ImageGroup, build_groups, mix
 from .features import FeatureCache
-from .token_drop import cls_scores, drop_visual_tokens, step_generator
 from .lora import apply_lora, grow_lora_state, load_lora_state, lora_state
 from .packing import block_mask, collate_packed, pack
+from .token_drop import cls_scores, drop_visual_tokens, step_generator
 
 TRAINED = "trained.safetensors"
 MAX_BAD_STEPS = 10  # this many non-finite steps in a row stop a run (fewer are skipped)
