@@ -10,10 +10,12 @@ is asked about from the tokens that remain, and it also learns the inputs the pr
 
 Which tokens stay: `random` (a uniform subset) or `cls` — the top tokens by the vision tower's [CLS]
 attention, FasterVLM's score (llavakit/visual/fastervlm.py), which keeps the objects and hides the
-background. Measured on stage D: hiding the 10 % of tokens with the highest [CLS] attention (the
-object) leaves easy-vqa colour/shape answers at 95 % (97 % with all tokens), so the background tokens
-of DINOv2 carry the object's colour and shape; a random subset still contains many of them, while
-`cls` removes them and leaves the object's own patches to read.
+background. Measured on stage D (benchmarks/token_ablation.py): hiding the 10 % of tokens with the
+highest [CLS] attention (the object) leaves easy-vqa colour/shape answers at 97.1 %, as with every
+token, so the background tokens of DINOv2 carry the object's colour and shape; a random subset still
+contains many of them, while `cls` removes them and leaves the object's own patches to read.
+Result so far (stage F, recipes/default-dropout.yaml, 200 steps): the model did not learn to read the
+object's patches and lost yes/no and count accuracy; not shipped (docs/default-model-training.md).
 
 How: tokens are not removed, they are masked as keys (the attention mask of `packing.block_mask`), so
 every kept token keeps its original position id — the `pos=original` convention of
