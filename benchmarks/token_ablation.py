@@ -14,7 +14,7 @@ from background tokens (in DINOv2 every patch carries some of the whole image), 
 patches. Same items, prompts and scoring as ``llavakit eval --tasks easyvqa`` (seed 0, greedy).
 
     python benchmarks/token_ablation.py --limit 400 [--weights RUN/trained.safetensors] \
-        --out docs/eval/token-ablation-stageD.json        # ~8 min on 2 cores (bf16)
+        --out docs/eval/token-ablation-stageD.json        # ~13 min on 2 cores (bf16)
 """
 
 from __future__ import annotations

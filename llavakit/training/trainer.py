@@ -230,7 +230,7 @@ class Trainer:
         if self.cfg.visual_token_drop > 0:
             gen = step_generator(self.cfg.seed, where[0], where[1], self.rank)
             scores = None
-            if self.cfg.visual_token_select == "cls":  # images re-rendered/loaded: cheap beside the LM step
+            if self.cfg.visual_token_select == "cls":  # one extra vision pass per image and step (not cached)
                 scores = cls_scores(model, self.vlm.processor, [g.load() for g in groups])  # (B, N)
             mask = drop_visual_tokens(mask, img_mask, self.cfg.visual_token_drop, self.cfg.visual_token_keep, gen,
                                       scores)
