@@ -5,13 +5,14 @@ prints, per config, the accuracy on "open" questions (answer not yes/no: easy-vq
 questions) and on yes/no questions. This is the "open acc" column of docs/compression/README.md.
 
     python benchmarks/grid_by_kind.py docs/compression/grid_predictions.jsonl
+    python benchmarks/grid_by_kind.py PREDICTIONS.jsonl --wrong 5   # also each config's 5 commonest wrong open answers
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 
 def by_kind(path: str) -> dict[str, dict[str, tuple[int, float]]]:
@@ -24,12 +25,38 @@ def by_kind(path: str) -> dict[str, dict[str, tuple[int, float]]]:
     return {c: {k: (len(v), 100.0 * sum(v) / len(v)) for k, v in ks.items()} for c, ks in scores.items()}
 
 
+def wrong_open(path: str) -> dict[str, Counter]:
+    """config -> Counter of the (normalised) predictions that were wrong on open questions."""
+    from llavakit.eval.scoring import normalize
+
+    out: dict[str, Counter] = defaultdict(Counter)
+    with open(path) as f:
+        for line in f:
+            p = json.loads(line)
+            if p["answer"] not in ("yes", "no") and float(p["score"]) < 1:
+                out[p["config"]][normalize(p["prediction"])] += 1
+    return out
+
+
 def main(argv=None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    top = 0
+    if "--wrong" in args:
+        i = args.index("--wrong")
+        try:
+            top = int(args[i + 1])
+        except (IndexError, ValueError):
+            print("--wrong needs a number of answers", file=sys.stderr)
+            return 2
+        del args[i:i + 2]
     path = args[0] if args else "docs/compression/grid_predictions.jsonl"
+    wrong = wrong_open(path) if top else {}
     for config, kinds in by_kind(path).items():
         cells = "  ".join(f"{k} {acc:5.1f} % (n={n})" for k, (n, acc) in sorted(kinds.items()))
         print(f"{config:>55}  {cells}")
+        if top:
+            c = wrong.get(config, Counter())
+            print(f"{'wrong open answers':>55}  {sum(c.values())}: " + ", ".join(f"{a} {n}" for a, n in c.most_common(top)))
     return 0
 
 

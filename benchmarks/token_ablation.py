@@ -28,16 +28,16 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-YES_NO = ("yes", "no")
-
-
 def split_scores(predictions: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """eval predictions -> accuracy % over all, open (colour / shape) and yes/no questions, with counts."""
+    """eval predictions -> accuracy % over all, open (colour / shape) and yes/no questions, with counts
+    (the kind from easy-vqa's own `answer_kind`)."""
+    from llavakit.data.easyvqa import answer_kind
+
     groups: dict[str, list[float]] = {"all": [], "open": [], "yes/no": []}
     for p in predictions:
         s = float(p["score"])
         groups["all"].append(s)
-        groups["yes/no" if str(p["answer"]).lower() in YES_NO else "open"].append(s)
+        groups["yes/no" if answer_kind(str(p["answer"])) == "yes/no" else "open"].append(s)
     return {k: {"n": len(v), "accuracy": 100.0 * sum(v) / len(v) if v else None} for k, v in groups.items()}
 
 

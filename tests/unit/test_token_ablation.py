@@ -13,7 +13,7 @@ from tests.benchmarks import load_benchmark
 def test_split_scores_separates_open_and_yes_no():
     mod = load_benchmark("token_ablation")
     s = mod.split_scores([{"answer": "red", "score": 1.0}, {"answer": "circle", "score": 0.0},
-                          {"answer": "yes", "score": 1.0}, {"answer": "No", "score": 1.0}])
+                          {"answer": "yes", "score": 1.0}, {"answer": "no", "score": 1.0}])
     assert s == {"all": {"n": 4, "accuracy": 75.0}, "open": {"n": 2, "accuracy": 50.0},
                  "yes/no": {"n": 2, "accuracy": 100.0}}
 
@@ -42,3 +42,19 @@ def test_bad_keeps_are_refused_before_any_model_loads(capsys):
     with pytest.raises(SystemExit):
         mod.main(["--keeps", "0.1,1.5"])
     assert "--keeps" in capsys.readouterr().err
+
+
+def test_grid_by_kind_counts_the_wrong_open_answers(tmp_path, capsys):
+    import json
+
+    mod = load_benchmark("grid_by_kind")
+    rows = [{"config": "a", "answer": "red", "prediction": "Blue.", "score": 0.0},
+            {"config": "a", "answer": "green", "prediction": "blue", "score": 0.0},
+            {"config": "a", "answer": "circle", "prediction": "circle", "score": 1.0},
+            {"config": "a", "answer": "yes", "prediction": "no", "score": 0.0}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert dict(mod.wrong_open(str(path))["a"]) == {"blue": 2}
+    assert mod.main([str(path), "--wrong", "2"]) == 0
+    assert "2: blue 2" in capsys.readouterr().out
+    assert mod.main([str(path), "--wrong"]) == 2
