@@ -56,7 +56,7 @@ def kind_loss(weights: str, scenes: int, seed: int, dtype: torch.dtype) -> dict:
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             emb = model.embed_inputs(batch["input_ids"], image_features=feats)
             hidden = lm(emb, attention_mask=block_mask(batch["block_ids"], batch["valid"]),
-                        position_ids=batch["position_ids"])
+                        position_ids=batch["position_ids"], inject=model.injection(batch["input_ids"], emb))
             logits = lm.logits(hidden[0, :-1]).float()  # (T-1, V)
         tgt, blk = batch["labels"][0, 1:], batch["block_ids"][0, 1:]
         for b, ((question, _),) in enumerate(g.blocks, start=1):

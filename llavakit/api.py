@@ -114,7 +114,8 @@ class VLM:
                                                            image_sizes, comp)
         decode_fn = self.processor.decode if (cfg.stop_strings and self.processor.has_tokenizer) else None
         return run_generate(self.model.language_model, embeds, attention_mask, cfg,
-                            decode_fn=decode_fn, on_token=on_token, run=run, position_ids=position_ids)
+                            decode_fn=decode_fn, on_token=on_token, run=run, position_ids=position_ids,
+                            inject=self.model.injection(input_ids, embeds))
 
     # ------------------------------------------------------------------ text level
     def build_prompt(self, prompt: str | Sequence[dict], images: Sequence[Any]) -> str:

@@ -158,12 +158,22 @@ class VLMConfig:
     # whose 518 px position grid is interpolated to 224 px inputs). None = vision.image_size.
     # HF LLaVA configs carry it as image_seq_length (= (image_size / patch)^2).
     image_size: int | None = None
+    # Ours: LM layers at whose input the visual tokens are re-added through a low-rank map, and its rank
+    # (models/visual_inject.py; () = none). HF LLaVA formats cannot hold it.
+    visual_inject_layers: tuple[int, ...] = ()
+    visual_inject_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise InputError(f"unknown architecture {self.architecture!r}; valid: {', '.join(ARCHITECTURES)}")
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise InputError("vision_feature_select_strategy must be 'default' or 'full'")
+        if bool(self.visual_inject_layers) != bool(self.visual_inject_rank):
+            raise InputError("visual_inject_layers and visual_inject_rank go together (both set or neither), got "
+                             f"{self.visual_inject_layers} and {self.visual_inject_rank}")
+        if self.visual_inject_layers and max(self.visual_inject_layers) >= self.lm.num_hidden_layers:
+            raise InputError(f"visual_inject_layers {list(self.visual_inject_layers)}: the LM has only "
+                             f"{self.lm.num_hidden_layers} layers")
 
     @property
     def has_vision(self) -> bool:
@@ -206,4 +216,6 @@ class VLMConfig:
             kw["vision_feature_layer"] = tuple(kw["vision_feature_layer"])
         if "image_grid_pinpoints" in kw:
             kw["image_grid_pinpoints"] = tuple(tuple(p) for p in kw["image_grid_pinpoints"])
+        if "visual_inject_layers" in kw:
+            kw["visual_inject_layers"] = tuple(int(l) for l in kw["visual_inject_layers"])
         return cls(**kw)

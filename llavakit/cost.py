@@ -292,6 +292,10 @@ def request_cost(config: VLMConfig, *, visual_tokens_per_stage: Mapping[str, int
                            grid=config.view_grid if view_grid is None else view_grid)
         proj = projector_flops(config.projector, stages["projector"], stages["vision"])
     prefill = tuple(lm_layer_prefill_flops(lc, k) for k in per_layer_tokens)
+    if config.visual_inject_layers:  # re-injection: D -> r -> D per visual token at each listed layer
+        r = config.visual_inject_rank
+        prefill = tuple(f + (2 * _mm(v, lc.hidden_size, r) if i in config.visual_inject_layers else 0)
+                        for i, f in enumerate(prefill))
     head = lm_head_flops(lc, prompt if prefill_logits_all else 1)
     # Decode step j (1-based) adds one position to every layer: layer l attends kv_tokens[l] + j keys.
     step_const = layers * _lm_linear_flops(lc, 1) + lm_head_flops(lc, 1)

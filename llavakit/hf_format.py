@@ -113,6 +113,10 @@ def vlm_config_to_hf(cfg: VLMConfig) -> dict[str, Any]:
         raise CheckpointError(f"HF LLaVA formats cannot hold the projector's local-context branch "
                               f"(context_kernel={cfg.projector.context_kernel}); keep this model in llavakit's "
                               f"trained-weights form (llavakit.load('default') + its .safetensors)")
+    if cfg.visual_inject_layers:
+        raise CheckpointError(f"HF LLaVA formats cannot hold the visual re-injection branch (layers "
+                              f"{list(cfg.visual_inject_layers)}); keep this model in llavakit's trained-weights form "
+                              f"(llavakit.load('default') + its .safetensors)")
     model_type = cfg.architecture
     out: dict[str, Any] = {
         "model_type": model_type,

@@ -81,12 +81,13 @@ def trim_stop(text: str, stop_strings: Sequence[str]) -> str:
 def generate(lm, inputs_embeds: Tensor, attention_mask: Tensor | None, config: GenerationConfig, *,
              decode_fn: Callable[[list[int]], str] | None = None,
              on_token: Callable[[int, int], None] | None = None, run=None,
-             position_ids: Tensor | None = None) -> Tensor:
+             position_ids: Tensor | None = None, inject=None) -> Tensor:
     """Generate up to `config.max_new_tokens` tokens for each left-padded prompt.
 
     inputs_embeds (B, T, D); attention_mask (B, T) 1 = real token, 0 = left padding (None: no padding).
     Returns the generated ids only, (B, N) long with N <= max_new_tokens; finished rows hold pad_token_id.
     `run`: the in-LLM compression state of this generation (`Compression.lm_run`), passed to every LM call.
+    `inject`: the prompt's visual re-injection (`LlavaModel.injection`), applied on every pass over the prompt.
     `position_ids` (B, T): the prompt's LM positions (None: consecutive over real tokens); new tokens
     continue after each row's last one.
     """
@@ -119,7 +120,7 @@ def generate(lm, inputs_embeds: Tensor, attention_mask: Tensor | None, config: G
     cache = lm.new_cache(b, t + config.max_new_tokens, dtype=inputs_embeds.dtype, device=device) \
         if config.use_cache else None
 
-    hidden = lm(inputs_embeds, mask, positions, cache, run=run)  # (B, T, D)
+    hidden = lm(inputs_embeds, mask, positions, cache, run=run, inject=inject)  # (B, T, D)
     logits = lm.logits(hidden[:, -1:])[:, 0]  # (B, V)
     all_embeds, all_pos = inputs_embeds, positions  # only used without a cache
 
@@ -156,6 +157,6 @@ def generate(lm, inputs_embeds: Tensor, attention_mask: Tensor | None, config: G
         else:
             all_embeds = torch.cat([all_embeds, emb], dim=1)
             all_pos = torch.cat([all_pos, pos], dim=1)
-            hidden = lm(all_embeds, mask, all_pos, None, run=run)
+            hidden = lm(all_embeds, mask, all_pos, None, run=run, inject=inject)
         logits = lm.logits(hidden[:, -1:])[:, 0]
     return torch.stack(steps, dim=1)

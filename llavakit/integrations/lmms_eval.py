@@ -237,7 +237,8 @@ def _compressed_logits(vlm: Any, comp: Any, ids: torch.Tensor, pixel_values: Any
     pv = pixel_values.to(dev) if pixel_values is not None else None
     embeds, position_ids = model.embed_compressed(ids, mask, pv, image_sizes, comp)  # (1, T, D)
     run = comp.lm_run(model, ids, mask)
-    hidden = model.language_model(embeds, attention_mask=mask, position_ids=position_ids, run=run)  # (1, T', D)
+    hidden = model.language_model(embeds, attention_mask=mask, position_ids=position_ids, run=run,
+                                  inject=model.injection(ids, embeds))  # (1, T', D)
     return model.language_model.logits(hidden)[0].float()
 
 

@@ -26,6 +26,7 @@ from ..data import anyres
 from ..errors import InputError
 from .lm import build_lm
 from .projector import Projector
+from .visual_inject import VisualInjection
 from .vision import build_vision_tower
 
 
@@ -47,6 +48,32 @@ class LlavaModel(nn.Module):
             if config.is_anyres:
                 self.image_newline = nn.Parameter(torch.zeros(config.lm.hidden_size))
         self.language_model = build_lm(config.lm)
+        self.visual_inject = None
+        if config.visual_inject_layers:
+            self.visual_inject = VisualInjection(config.lm.hidden_size, config.visual_inject_layers,
+                                                 config.visual_inject_rank)
+
+    def add_visual_inject(self, layers: Sequence[int], rank: int) -> None:
+        """Add the zero-initialised visual re-injection branch (models/visual_inject.py); the model's outputs
+        are unchanged until it is trained or loaded."""
+        import dataclasses
+
+        if not self.config.has_vision:
+            raise InputError("this is a text-only model; it has no visual tokens to re-inject")
+        if self.visual_inject is not None:
+            raise InputError("this model already has a visual re-injection branch")
+        cfg = dataclasses.replace(self.config, visual_inject_layers=tuple(int(l) for l in layers),
+                                  visual_inject_rank=int(rank))
+        w = self.language_model.model.embed_tokens.weight
+        self.visual_inject = VisualInjection(cfg.lm.hidden_size, cfg.visual_inject_layers, cfg.visual_inject_rank
+                                             ).to(device=w.device, dtype=w.dtype)
+        self.config = cfg
+
+    def injection(self, input_ids: Tensor, inputs_embeds: Tensor):
+        """The prompt's `BoundInjection` for `LlamaLM.forward(inject=...)`, or None without the branch."""
+        if self.visual_inject is None:
+            return None
+        return self.visual_inject.bind(inputs_embeds, input_ids == self.config.image_token_id)
 
     def add_projector_context(self, kernel: int, channels: int) -> None:
         """Give the projector a zero-initialised local-context branch (models/projector.py); the model's
@@ -186,6 +213,8 @@ class LlavaModel(nn.Module):
             if input_ids is None:
                 raise InputError("pass input_ids or inputs_embeds")
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
-        hidden = self.language_model(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
+        inject = self.injection(input_ids, inputs_embeds) if input_ids is not None else None
+        hidden = self.language_model(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                     inject=inject)
         logits = self.language_model.logits(hidden)
         return VLMOutput(logits=logits, hidden_states=hidden if output_hidden_states else None)

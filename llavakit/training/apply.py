@@ -1,7 +1,8 @@
 """Apply trained weights (a run's `trained.safetensors`) to a loaded model, without peft.
 
 The file holds the projector (feature standardisation already folded into `linear_1`; a local-context
-branch, when present, is added to the model with the file's kernel and width), LoRA tensors
+branch, when present, is added to the model with the file's kernel and width), the visual re-injection
+branch when trained (added with the file's layers and rank), LoRA tensors
 under `lora.<lm-relative name>.lora_A/B.weight` and the LoRA spec in its metadata. LoRA is merged as
 W += (alpha / r) * B @ A, so the result is a plain model that exports as an ordinary HF checkpoint.
 """
@@ -31,7 +32,13 @@ def apply_trained(model: torch.nn.Module, path: str | Path) -> dict:
     if "context.conv.weight" in proj and not model.multi_modal_projector.has_context:
         c, _, k, _ = proj["context.conv.weight"].shape  # (C, C, k, k): the branch this file was trained with
         model.add_projector_context(k, c)
+    inject = {k[len("visual_inject."):]: v for k, v in state.items() if k.startswith("visual_inject.")}
+    if inject and model.visual_inject is None:  # the branch this file was trained with: layers and rank
+        downs = {int(k.split(".")[1]): v for k, v in inject.items() if k.startswith("down.")}
+        model.add_visual_inject(sorted(downs), next(iter(downs.values())).shape[0])
     with torch.no_grad():
+        if inject:
+            model.visual_inject.load_state_dict(inject)
         model.multi_modal_projector.load_state_dict(proj)
         spec = json.loads(meta.get("lora") or "null")
         lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
@@ -67,7 +74,7 @@ def compact_trained(src: str | Path, dst: str | Path) -> Path:
     with safe_open(str(src), "pt") as f:
         meta = f.metadata() or {}
         state = {k: f.get_tensor(k) for k in f.keys()}
-    half = ("lora.", "multi_modal_projector.")
+    half = ("lora.", "multi_modal_projector.", "visual_inject.")
     out = {k: (v.half() if k.startswith(half) and v.is_floating_point() else v).contiguous() for k, v in state.items()}
     tmp = dst.with_name(dst.name + ".tmp")
     save_file(out, str(tmp), metadata=meta)

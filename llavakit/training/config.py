@@ -17,7 +17,7 @@ YES_NO_MODES = ("all", "balanced")
 STAGES = ("align", "instruct")
 PRECISIONS = ("fp32", "bf16")
 TOKEN_SELECT = ("random", "cls")  # visual_token_select: which visual tokens stay visible (training/token_drop.py)
-MODULES = ("vision_tower", "multi_modal_projector", "language_model")
+MODULES = ("vision_tower", "multi_modal_projector", "language_model", "visual_inject")
 LR_EXTRA = ("lora", "projector_context")  # lr groups beside whole modules: LoRA tensors, the projector's context branch
 
 
@@ -75,6 +75,8 @@ class TrainConfig:
     train: tuple[str, ...] = ("multi_modal_projector",)  # modules trained in full
     projector_context: int = 0  # k > 0: add the projector's k x k local-context branch (models/projector.py)
     projector_context_channels: int = 64
+    visual_inject: tuple[int, ...] = ()  # LM layers where the visual tokens are re-added (models/visual_inject.py)
+    visual_inject_rank: int = 64
     lora: LoraSpec | None = None  # LoRA on the language model (peft)
     cache_features: bool = True  # frozen tower: compute features once, train on the cache
     standardize_features: bool = True  # per-channel feature standardisation, folded into linear_1 on save
@@ -99,6 +101,10 @@ class TrainConfig:
             raise InputError("lr names projector_context but the recipe adds no context branch (projector_context: 0)")
         if self.projector_context < 0 or (self.projector_context and self.projector_context % 2 == 0):
             raise InputError(f"projector_context must be 0 (none) or an odd kernel size, got {self.projector_context}")
+        if "visual_inject" in self.train and not self.visual_inject:
+            raise InputError("train names visual_inject but the recipe adds no branch (set visual_inject: [layers])")
+        if self.visual_inject and self.visual_inject_rank < 1:
+            raise InputError(f"visual_inject_rank must be >= 1, got {self.visual_inject_rank}")
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -131,6 +137,12 @@ class TrainConfig:
             kw["lora"] = LoraSpec(**lora)
         if "train" in kw:
             kw["train"] = tuple(kw["train"])
+        if "visual_inject" in kw:
+            layers = kw["visual_inject"]
+            if not isinstance(layers, (list, tuple)) or not all(isinstance(l, int) and not isinstance(l, bool)
+                                                                for l in layers):
+                raise InputError(f"visual_inject must be a list of LM layer indices, got {layers!r}")
+            kw["visual_inject"] = tuple(layers)
         if "visual_token_keep" in kw:
             keep = kw["visual_token_keep"]
             if not isinstance(keep, (list, tuple)):

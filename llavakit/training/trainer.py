@@ -119,6 +119,8 @@ class Trainer:
                              f"{model.config.vision_feature_select_strategy!r} here); use random")
         if cfg.projector_context:
             model.add_projector_context(cfg.projector_context, cfg.projector_context_channels)
+        if cfg.visual_inject:
+            model.add_visual_inject(cfg.visual_inject, cfg.visual_inject_rank)
         model.requires_grad_(False)
         for name in cfg.train:
             model.get_submodule(name).requires_grad_(True)
@@ -201,6 +203,15 @@ class Trainer:
         if unexpected or any(not k.startswith("context.") for k in missing) or (has_ctx and missing):
             raise InputError(f"init_from {path}: projector tensors do not match this model "
                              f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")
+        inject = {k[len("visual_inject."):]: v for k, v in state.items() if k.startswith("visual_inject.")}
+        if inject:
+            if self.model.visual_inject is None:
+                raise InputError(f"init_from {path} has a visual re-injection branch; set visual_inject in the recipe")
+            try:
+                self.model.visual_inject.load_state_dict(inject)
+            except RuntimeError as e:
+                raise InputError(f"init_from {path}: its visual re-injection branch does not match the recipe's "
+                                 f"(visual_inject, visual_inject_rank): {e}") from None
         lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
         if lora:
             if self.cfg.lora is None:
@@ -236,8 +247,8 @@ class Trainer:
                                       scores)
         # bf16: autocast of the LM matmuls (5x the fp32 matmul rate on AVX512-BF16 CPUs); the loss is fp32
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-            hidden = lm(emb, attention_mask=mask,
-                        position_ids=batch["position_ids"])
+            hidden = lm(emb, attention_mask=mask, position_ids=batch["position_ids"],
+                        inject=model.injection(ids, emb))
             tgt = batch["labels"][:, 1:]
             sel = tgt != IGNORE_INDEX
             logits = lm.logits(hidden[:, :-1][sel])  # (n_targets, V): only where there is a label
@@ -344,6 +355,9 @@ class Trainer:
         proj = fold_standardization(proj, self.mu, self.sd)
         out = {f"multi_modal_projector.{k}": v.contiguous() for k, v in proj.items()}
         out.update({f"lora.{k}": v.contiguous() for k, v in lora_state(self.model.language_model).items()})
+        if self.model.visual_inject is not None:
+            out.update({f"visual_inject.{k}": v.detach().float().contiguous()
+                        for k, v in self.model.visual_inject.state_dict().items()})
         out["feature_mean"], out["feature_std"] = self.mu.contiguous(), self.sd.contiguous()
         meta = {"lora": json.dumps(self.cfg.lora.__dict__ if self.cfg.lora else None, default=list),
                 "steps": str(self.step), "stage": self.cfg.stage}

@@ -183,22 +183,32 @@ class LlamaLM(nn.Module):
         return causal_padding_mask(torch.ones(b, past + t, dtype=torch.bool, device=device), t), False
 
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, cache: KVCache | None = None, run=None) -> Tensor:
+                position_ids: Tensor | None = None, cache: KVCache | None = None, run=None,
+                inject=None) -> Tensor:
         """inputs_embeds (B, T, D); attention_mask (B, S) 0/1 over cached + new keys, or None (no padding),
         or a ready bool mask (B, 1, T, S) (e.g. block masks of packed training sequences; then pass
         position_ids); position_ids (B, T) or None. Appends this step's keys/values to `cache`. Returns hidden (B, T, D).
         `run`: a `compression.runner.LMRun` (in-LLM pruning / KV policies of one generation), which then
-        runs the layer loop (after pruning, prefill returns fewer positions; the last one is kept)."""
-        if run is not None:
-            return run.forward(self, inputs_embeds, attention_mask, position_ids, cache)
+        runs the layer loop (after pruning, prefill returns fewer positions; the last one is kept).
+        `inject`: a `models.visual_inject.BoundInjection` for this prompt, called before its layers on a
+        pass that starts at position 0 (prefill or full recompute); decode steps are left alone."""
         b, t, _ = inputs_embeds.shape
         past = cache.seq_len() if cache is not None else 0
+        if inject is not None and run is not None:
+            raise InputError("visual re-injection cannot be combined with in-LLM compression or KV policies "
+                             "(they move or drop the visual positions it writes to); use a pre-LLM method")
+        if run is not None:
+            return run.forward(self, inputs_embeds, attention_mask, position_ids, cache)
+        if past:
+            inject = None
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, t, past, inputs_embeds.device)
         mask, is_causal = self._mask(attention_mask, b, t, past, inputs_embeds.device)
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)  # (B or 1, T, Dh)
         h = inputs_embeds
         for i, block in enumerate(self.model.layers):
+            if inject is not None and i in inject.layers:
+                h = inject(h, i)
             h = block(h, cos, sin, mask, is_causal, cache, i)
         return self.model.norm(h)
 
