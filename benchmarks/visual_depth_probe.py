@@ -9,10 +9,13 @@ Two measurements on one model (ours, not from a paper):
 2. **Decodability.** For world-bind scenes, the hidden state at each object's centre patch entering
    each LM layer; a linear probe (softmax regression, Adam, on 75 % of the scenes, scored on the rest)
    reads the object's colour and shape from it. `--visual-attention self` repeats it with visual tokens
-   that attend only to the text before them and to themselves (no visual-to-visual attention).
+   that attend only to the text before them and to themselves (no visual-to-visual attention);
+   `--tower-layers` probes the vision tower's own layer outputs (before the projector) the same way.
 
     python benchmarks/visual_depth_probe.py --out docs/eval/visual-depth-stageD.json              # ~6 min
     python benchmarks/visual_depth_probe.py --weights RUN/trained.safetensors --out docs/eval/visual-depth-X.json
+    python benchmarks/visual_depth_probe.py --items 0 --visual-attention none --tower-layers 2,4,6,8,10,12 \
+        --out docs/eval/visual-depth-tower.json                                           # ~2 min
 """
 
 from __future__ import annotations
@@ -116,6 +119,35 @@ def _probe(x: torch.Tensor, labels: list[str], train: torch.Tensor, steps: int =
         return 100.0 * float((lin(x[~train]).argmax(-1) == y[~train]).float().mean())
 
 
+def tower_decodability(vlm, scenes: int, layers: tuple[int, ...]) -> dict[str, Any]:
+    """The same probes on the vision tower's own layer outputs (1-based, before the projector), same scenes."""
+    from llavakit.training.data import _bind_scene, _render
+
+    m = vlm.model
+    side = m.config.view_grid
+    first = int(m.vision_tower.has_cls)  # the [CLS] token comes first in the tower's sequence
+    feats: dict[int, list] = {l: [] for l in layers}
+    colours, shapes, scene_of = [], [], []
+    for i in range(scenes):
+        _, sc = _bind_scene(i, 9)
+        img = _render(sc)
+        pv = vlm.processor(text=["<image>"], images=[img])["pixel_values"].to(vlm.dtype)
+        with torch.inference_mode():
+            hidden = m.vision_tower(pv, layers=layers).hidden_states
+        s = sc.canvas / side
+        for o in sc.objects:
+            j = first + int(o.y // s) * side + int(o.x // s)
+            for l, h in zip(layers, hidden):
+                feats[l].append(h[0, j].float().clone())
+            colours.append(o.colour)
+            shapes.append(o.shape)
+            scene_of.append(i)
+    train = torch.tensor(scene_of) < int(0.75 * scenes)
+    return {"scenes": scenes, "objects": len(colours), "held_out_objects": int((~train).sum()),
+            "layers": [{"tower_layer": l, "colour": round(_probe(torch.stack(feats[l]), colours, train), 1),
+                        "shape": round(_probe(torch.stack(feats[l]), shapes, train), 1)} for l in layers]}
+
+
 def decodability(vlm, scenes: int, visual_attention: str) -> dict[str, Any]:
     from llavakit.training.data import _bind_scene, _render
 
@@ -146,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", default=None, help="a run's trained.safetensors or out_dir (default: shipped)")
     p.add_argument("--items", type=int, default=30, help="world-colour items with 2+ objects for the attention split")
     p.add_argument("--scenes", type=int, default=200, help="world-bind scenes for the decodability probes")
-    p.add_argument("--visual-attention", choices=("causal", "self", "both"), default="both")
+    p.add_argument("--visual-attention", choices=("causal", "self", "both", "none"), default="both",
+                   help="LM decodability with causal visual attention, without visual-to-visual attention, both, or skip")
+    p.add_argument("--tower-layers", default="",
+                   help="comma-separated vision-tower layers (1-based) to probe as well, e.g. 2,4,6,8,10,12")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -158,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     res: dict[str, Any] = {"command": "python benchmarks/visual_depth_probe.py " + " ".join(argv),
                            "weights": args.weights or "shipped"}
-    modes = ("causal", "self") if args.visual_attention == "both" else (args.visual_attention,)
+    modes = {"both": ("causal", "self"), "none": ()}.get(args.visual_attention, (args.visual_attention,))
     if args.items:
         with torch.inference_mode():
             res["attention"] = attention_split(vlm, args.items)
@@ -171,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         res[f"decodability_{mode}"] = decodability(vlm, args.scenes, mode)
         for row in res[f"decodability_{mode}"]["layers"]:
             print(f"{mode:6s} layer {row['layer']:2d}: colour {row['colour']:.1f}  shape {row['shape']:.1f}")
+    if args.tower_layers:
+        layers = tuple(int(x) for x in args.tower_layers.split(","))
+        res["decodability_tower"] = tower_decodability(vlm, args.scenes, layers)
+        for row in res["decodability_tower"]["layers"]:
+            print(f"tower layer {row['tower_layer']:2d}: colour {row['colour']:.1f}  shape {row['shape']:.1f}")
     res["wall_s"] = round(time.time() - t0, 1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
