@@ -15,6 +15,8 @@ The probe is ours (not from a paper). Features come from a training run's featur
 
     python benchmarks/binding_probe.py --cache ~/.cache/llavakit/runs/default-instruct/features \
         --out docs/eval/binding-probe.json
+    python benchmarks/binding_probe.py --tower-layer 8 --steps 250 --out docs/eval/binding-probe-250-layer8.json
+        # features computed from a middle layer of the tower instead of read from a cache
 """
 
 from __future__ import annotations
@@ -61,6 +63,26 @@ class AttentionProbe(nn.Module):
         return self.out(att.reshape(b, -1))  # (B, C)
 
 
+@torch.inference_mode()
+def tower_layer_features(scenes, layer: int) -> list[torch.Tensor]:
+    """Patch features (N, D) of each scene from `layer` (1-based) of the default model's vision tower."""
+    import llavakit
+    from llavakit.data.world import render
+
+    vlm = llavakit.load("default", trained=False)  # the tower only
+    tower = vlm.model.vision_tower
+    n_layers = vlm.model.config.vision.num_hidden_layers
+    if not 1 <= layer <= n_layers:
+        raise SystemExit(f"error: --tower-layer must be in 1..{n_layers}, got {layer}")
+    out = []
+    for b in range(0, len(scenes), 16):
+        imgs = [render(s) for s in scenes[b:b + 16]]
+        pv = vlm.processor(text=["<image>"] * len(imgs), images=imgs)["pixel_values"]
+        h = tower(pv, layers=(layer,)).hidden_states[0]  # (B, 1 + N, D) with the [CLS] token first
+        out += list(h[:, int(tower.has_cls):].float().unbind(0))
+    return out
+
+
 def fit(feats, query, target, multi, n_q, n_c, train, steps, seed, context=0) -> dict:
     torch.manual_seed(seed)
     model = AttentionProbe(feats.shape[-1], n_q, n_c, context=context)
@@ -84,7 +106,10 @@ def fit(feats, query, target, multi, n_q, n_c, train, steps, seed, context=0) ->
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache", required=True, help="a training run's features/ directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--cache", help="a training run's features/ directory")
+    src.add_argument("--tower-layer", type=int,
+                     help="compute the features instead, from this layer of the default model's tower (1-based)")
     p.add_argument("--seed", type=int, default=0, help="the world-instruction data source's seed")
     p.add_argument("--scenes", type=int, default=3000)
     p.add_argument("--steps", type=int, default=1500)
@@ -98,8 +123,11 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     scenes = [_world_scene(i, a.seed, words=bool(i % 10 < 3))[1] for i in range(a.scenes)]
-    feats = torch.stack(cached_features(Path(a.cache).expanduser(),
-                                        [f"world-instruction:{a.seed}:{i}" for i in range(a.scenes)]))  # (S, N, D)
+    if a.cache:
+        feats = torch.stack(cached_features(Path(a.cache).expanduser(),
+                                            [f"world-instruction:{a.seed}:{i}" for i in range(a.scenes)]))  # (S, N, D)
+    else:
+        feats = torch.stack(tower_layer_features(scenes, a.tower_layer))  # (S, N, D)
     mu, sd = feats.mean((0, 1)), feats.std((0, 1)).clamp_min(1e-4)
     feats = (feats - mu) / sd
     train_scenes = int(0.8 * a.scenes)
@@ -121,6 +149,7 @@ def main(argv=None) -> int:
         print(f"{name}: held-out {res['accuracy']} % ({res['held_out']}), 2+ objects {res['accuracy_2plus_objects']} %"
               f" ({res['held_out_2plus']}); chance {100 / len(vocab_a):.1f} %")
     save_report(a.out, "binding_probe.py", argv, {"scenes": a.scenes, "steps": a.steps, "context": a.context,
+                                                  "features": a.cache or f"tower layer {a.tower_layer}",
                                                   "results": results, "wall_s": round(time.perf_counter() - t0, 1)})
     return 0
 

@@ -213,6 +213,9 @@ class LlavaModel(nn.Module):
             if input_ids is None:
                 raise InputError("pass input_ids or inputs_embeds")
             inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_sizes)
+        if self.visual_inject is not None and input_ids is None:
+            raise InputError("this model re-injects its visual tokens, which needs input_ids to find them; "
+                             "pass input_ids (with or without inputs_embeds)")
         inject = self.injection(input_ids, inputs_embeds) if input_ids is not None else None
         hidden = self.language_model(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                                      inject=inject)

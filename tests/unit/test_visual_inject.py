@@ -149,3 +149,15 @@ def test_cost_counts_the_branch_in_its_layers(tiny):
     d, v = vlm.config.lm.hidden_size, after.visual_tokens["llm"]
     assert after.lm_prefill_flops_per_layer[0] == before.lm_prefill_flops_per_layer[0]
     assert after.lm_prefill_flops_per_layer[1] - before.lm_prefill_flops_per_layer[1] == 2 * 2 * v * d * 4
+
+
+def test_forward_without_input_ids_is_refused_when_the_branch_needs_them(tiny):
+    vlm = llavakit.load(str(tiny))
+    vlm.model.add_visual_inject([1], 4)
+    enc = _inputs(vlm, 1)
+    with torch.no_grad():
+        emb = vlm.model.embed_inputs(enc["input_ids"], enc["pixel_values"])
+        with pytest.raises(InputError, match="input_ids"):
+            vlm.model(inputs_embeds=emb)
+        assert torch.equal(vlm.model(input_ids=enc["input_ids"], inputs_embeds=emb).logits,
+                           vlm.model(input_ids=enc["input_ids"], pixel_values=enc["pixel_values"]).logits)
