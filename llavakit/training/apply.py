@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 
 
 def apply_trained(model: torch.nn.Module, path: str | Path) -> dict:
@@ -34,11 +34,19 @@ def apply_trained(model: torch.nn.Module, path: str | Path) -> dict:
         model.add_projector_context(k, c)
     inject = {k[len("visual_inject."):]: v for k, v in state.items() if k.startswith("visual_inject.")}
     if inject and model.visual_inject is None:  # the branch this file was trained with: layers and rank
-        downs = {int(k.split(".")[1]): v for k, v in inject.items() if k.startswith("down.")}
-        model.add_visual_inject(sorted(downs), next(iter(downs.values())).shape[0])
+        try:
+            downs = {int(k.split(".")[1]): v for k, v in inject.items() if k.startswith("down.")}
+            model.add_visual_inject(sorted(downs), next(iter(downs.values())).shape[0])
+        except (ValueError, IndexError, StopIteration, InputError) as e:
+            raise CheckpointError(f"{path}: unreadable visual re-injection tensors ({e})") from None
     with torch.no_grad():
         if inject:
-            model.visual_inject.load_state_dict(inject)
+            try:
+                model.visual_inject.load_state_dict(inject)
+            except RuntimeError as e:
+                raise CheckpointError(f"{path}: its visual re-injection branch does not match this model's "
+                                      f"(layers {list(model.config.visual_inject_layers)}, rank "
+                                      f"{model.config.visual_inject_rank}): {e}") from None
         model.multi_modal_projector.load_state_dict(proj)
         spec = json.loads(meta.get("lora") or "null")
         lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}

@@ -161,3 +161,11 @@ def test_forward_without_input_ids_is_refused_when_the_branch_needs_them(tiny):
             vlm.model(inputs_embeds=emb)
         assert torch.equal(vlm.model(input_ids=enc["input_ids"], inputs_embeds=emb).logits,
                            vlm.model(input_ids=enc["input_ids"], pixel_values=enc["pixel_values"]).logits)
+
+
+def test_a_file_with_another_branch_is_refused(tiny, tmp_path):
+    out = train(_recipe(tmp_path, tiny)) / "trained.safetensors"
+    vlm = llavakit.load(str(tiny))
+    vlm.model.add_visual_inject([1], 2)  # rank 2, the file has rank 4
+    with pytest.raises(CheckpointError, match="does not match"):
+        apply_trained(vlm.model, out)
