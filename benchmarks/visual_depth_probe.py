@@ -29,7 +29,11 @@ from typing import Any
 
 import torch
 
-PROBE_LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29)
+
+
+def probe_layers(n_layers: int) -> tuple[int, ...]:
+    """Every third LM layer and the last one (0, 3, ..., 27, 29 for the default's 30)."""
+    return tuple(sorted(set(range(0, n_layers, 3)) | {n_layers - 1}))
 
 
 def patches_of(box: tuple[float, float, float, float], canvas: int, side: int) -> list[int]:
@@ -152,7 +156,8 @@ def decodability(vlm, scenes: int, visual_attention: str) -> dict[str, Any]:
     from llavakit.training.data import _bind_scene, _render
 
     side = vlm.model.config.view_grid
-    feats: dict[int, list] = {l: [] for l in PROBE_LAYERS}
+    layers = probe_layers(vlm.model.language_model.num_layers)
+    feats: dict[int, list] = {l: [] for l in layers}
     colours, shapes, scene_of = [], [], []
     for i in range(scenes):
         _, sc = _bind_scene(i, 9)  # world-bind seed 9: no recipe trains on it
@@ -161,7 +166,7 @@ def decodability(vlm, scenes: int, visual_attention: str) -> dict[str, Any]:
         s = sc.canvas / side
         for o in sc.objects:
             j = int(o.y // s) * side + int(o.x // s)  # the object's centre patch
-            for l in PROBE_LAYERS:
+            for l in layers:
                 feats[l].append(inputs[l][vis[j]].float().clone())
             colours.append(o.colour)
             shapes.append(o.shape)
@@ -170,7 +175,7 @@ def decodability(vlm, scenes: int, visual_attention: str) -> dict[str, Any]:
     return {"scenes": scenes, "objects": len(colours), "held_out_objects": int((~train).sum()),
             "visual_attention": visual_attention,
             "layers": [{"layer": l, "colour": round(_probe(torch.stack(feats[l]), colours, train), 1),
-                        "shape": round(_probe(torch.stack(feats[l]), shapes, train), 1)} for l in PROBE_LAYERS]}
+                        "shape": round(_probe(torch.stack(feats[l]), shapes, train), 1)} for l in layers]}
 
 
 def main(argv: list[str] | None = None) -> int:

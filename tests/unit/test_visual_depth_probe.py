@@ -25,3 +25,9 @@ def test_probe_scores_held_out_items():
     assert mod._probe(x, labels, train) >= 95.0
     noise = torch.randn(80, 6, generator=g)  # carries nothing: held-out accuracy near chance
     assert mod._probe(noise, labels, train) < 80.0
+
+
+def test_probe_layers_cover_every_third_and_the_last():
+    mod = load_benchmark("visual_depth_probe")
+    assert mod.probe_layers(30) == (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29)
+    assert mod.probe_layers(2) == (0, 1)
