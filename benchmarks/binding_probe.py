@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from feature_probe import cached_features, save_report  # noqa: E402
+from feature_probe import cached_features, save_report, tower_features  # noqa: E402
 
 
 class AttentionProbe(nn.Module):
@@ -61,26 +61,6 @@ class AttentionProbe(nn.Module):
         v = self.v(feats).view(b, n, self.heads, self.inner).transpose(1, 2)  # (B, H, N, d)
         att = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # (B, H, 1, d)
         return self.out(att.reshape(b, -1))  # (B, C)
-
-
-@torch.inference_mode()
-def tower_layer_features(scenes, layer: int) -> list[torch.Tensor]:
-    """Patch features (N, D) of each scene from `layer` (1-based) of the default model's vision tower."""
-    import llavakit
-    from llavakit.data.world import render
-
-    vlm = llavakit.load("default", trained=False)  # the tower only
-    tower = vlm.model.vision_tower
-    n_layers = vlm.model.config.vision.num_hidden_layers
-    if not 1 <= layer <= n_layers:
-        raise SystemExit(f"error: --tower-layer must be in 1..{n_layers}, got {layer}")
-    out = []
-    for b in range(0, len(scenes), 16):
-        imgs = [render(s) for s in scenes[b:b + 16]]
-        pv = vlm.processor(text=["<image>"] * len(imgs), images=imgs)["pixel_values"]
-        h = tower(pv, layers=(layer,)).hidden_states[0]  # (B, 1 + N, D) with the [CLS] token first
-        out += list(h[:, int(tower.has_cls):].float().unbind(0))
-    return out
 
 
 def fit(feats, query, target, multi, n_q, n_c, train, steps, seed, context=0) -> dict:
@@ -127,7 +107,7 @@ def main(argv=None) -> int:
         feats = torch.stack(cached_features(Path(a.cache).expanduser(),
                                             [f"world-instruction:{a.seed}:{i}" for i in range(a.scenes)]))  # (S, N, D)
     else:
-        feats = torch.stack(tower_layer_features(scenes, a.tower_layer))  # (S, N, D)
+        feats = torch.stack(tower_features(scenes, a.tower_layer))  # (S, N, D)
     mu, sd = feats.mean((0, 1)), feats.std((0, 1)).clamp_min(1e-4)
     feats = (feats - mu) / sd
     train_scenes = int(0.8 * a.scenes)

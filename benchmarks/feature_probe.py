@@ -39,16 +39,26 @@ def cached_features(cache: Path, keys: list[str]) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
-def tower_features(scenes) -> list[torch.Tensor]:
+def tower_features(scenes, layer: int | None = None) -> list[torch.Tensor]:
+    """Patch features (N, D) of each scene: the default model's feature selection, or (`layer`, 1-based)
+    that layer of its tower without the [CLS] token."""
     import llavakit
     from llavakit.data.world import render
 
     vlm = llavakit.load("default", trained=False)  # the tower and its feature selection only
+    tower = vlm.model.vision_tower
+    if layer is not None and not 1 <= layer <= vlm.model.config.vision.num_hidden_layers:
+        raise SystemExit(f"error: the tower layer must be in 1..{vlm.model.config.vision.num_hidden_layers}, "
+                         f"got {layer}")
     out = []
     for b in range(0, len(scenes), 16):
         imgs = [render(s) for s in scenes[b:b + 16]]
         pv = vlm.processor(text=["<image>"] * len(imgs), images=imgs)["pixel_values"]
-        out += list(vlm.model._select(pv).float().unbind(0))
+        if layer is None:
+            feats = vlm.model._select(pv)
+        else:
+            feats = tower(pv, layers=(layer,)).hidden_states[0][:, int(tower.has_cls):]  # (B, N, D)
+        out += list(feats.float().unbind(0))
     return out
 
 

@@ -40,6 +40,9 @@ def wrong_open(path: str) -> dict[str, Counter]:
 
 def main(argv=None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(__doc__.strip())
+        return 0
     top = 0
     if "--wrong" in args:
         i = args.index("--wrong")

@@ -123,59 +123,54 @@ def _probe(x: torch.Tensor, labels: list[str], train: torch.Tensor, steps: int =
         return 100.0 * float((lin(x[~train]).argmax(-1) == y[~train]).float().mean())
 
 
-def tower_decodability(vlm, scenes: int, layers: tuple[int, ...]) -> dict[str, Any]:
-    """The same probes on the vision tower's own layer outputs (1-based, before the projector), same scenes."""
+def _probe_scenes(vlm, scenes: int, layers, patch_states, key: str) -> dict[str, Any]:
+    """Colour / shape probes per layer at each object's centre patch of world-bind seed 9's first `scenes`
+    scenes (no recipe trains on that seed). `patch_states(image)` -> {layer: (side * side, D)} states in
+    raster patch order."""
     from llavakit.training.data import _bind_scene, _render
 
-    m = vlm.model
-    side = m.config.view_grid
-    first = int(m.vision_tower.has_cls)  # the [CLS] token comes first in the tower's sequence
+    side = vlm.model.config.view_grid
     feats: dict[int, list] = {l: [] for l in layers}
     colours, shapes, scene_of = [], [], []
     for i in range(scenes):
         _, sc = _bind_scene(i, 9)
-        img = _render(sc)
-        pv = vlm.processor(text=["<image>"], images=[img])["pixel_values"].to(vlm.dtype)
         with torch.inference_mode():
-            hidden = m.vision_tower(pv, layers=layers).hidden_states
-        s = sc.canvas / side
-        for o in sc.objects:
-            j = first + int(o.y // s) * side + int(o.x // s)
-            for l, h in zip(layers, hidden):
-                feats[l].append(h[0, j].float().clone())
-            colours.append(o.colour)
-            shapes.append(o.shape)
-            scene_of.append(i)
-    train = torch.tensor(scene_of) < int(0.75 * scenes)
-    return {"scenes": scenes, "objects": len(colours), "held_out_objects": int((~train).sum()),
-            "layers": [{"tower_layer": l, "colour": round(_probe(torch.stack(feats[l]), colours, train), 1),
-                        "shape": round(_probe(torch.stack(feats[l]), shapes, train), 1)} for l in layers]}
-
-
-def decodability(vlm, scenes: int, visual_attention: str) -> dict[str, Any]:
-    from llavakit.training.data import _bind_scene, _render
-
-    side = vlm.model.config.view_grid
-    layers = probe_layers(vlm.model.language_model.num_layers)
-    feats: dict[int, list] = {l: [] for l in layers}
-    colours, shapes, scene_of = [], [], []
-    for i in range(scenes):
-        _, sc = _bind_scene(i, 9)  # world-bind seed 9: no recipe trains on it
-        with torch.inference_mode():
-            _, inputs, vis = _layer_inputs(vlm, _render(sc), "What colour is the object?", visual_attention)
+            states = patch_states(_render(sc))
         s = sc.canvas / side
         for o in sc.objects:
             j = int(o.y // s) * side + int(o.x // s)  # the object's centre patch
             for l in layers:
-                feats[l].append(inputs[l][vis[j]].float().clone())
+                feats[l].append(states[l][j].float().clone())
             colours.append(o.colour)
             shapes.append(o.shape)
             scene_of.append(i)
     train = torch.tensor(scene_of) < int(0.75 * scenes)
     return {"scenes": scenes, "objects": len(colours), "held_out_objects": int((~train).sum()),
-            "visual_attention": visual_attention,
-            "layers": [{"layer": l, "colour": round(_probe(torch.stack(feats[l]), colours, train), 1),
+            "layers": [{key: l, "colour": round(_probe(torch.stack(feats[l]), colours, train), 1),
                         "shape": round(_probe(torch.stack(feats[l]), shapes, train), 1)} for l in layers]}
+
+
+def tower_decodability(vlm, scenes: int, layers: tuple[int, ...]) -> dict[str, Any]:
+    """The same probes on the vision tower's own layer outputs (1-based, before the projector), same scenes."""
+    m = vlm.model
+    first = int(m.vision_tower.has_cls)  # the [CLS] token comes first in the tower's sequence
+
+    def states(image):
+        pv = vlm.processor(text=["<image>"], images=[image])["pixel_values"].to(vlm.dtype)
+        return {l: h[0, first:] for l, h in zip(layers, m.vision_tower(pv, layers=layers).hidden_states)}
+
+    return _probe_scenes(vlm, scenes, layers, states, "tower_layer")
+
+
+def decodability(vlm, scenes: int, visual_attention: str) -> dict[str, Any]:
+    """The probes on the hidden states entering each probed LM layer, at the visual positions."""
+    layers = probe_layers(vlm.model.language_model.num_layers)
+
+    def states(image):
+        _, inputs, vis = _layer_inputs(vlm, image, "What colour is the object?", visual_attention)
+        return {l: inputs[l][vis] for l in layers}
+
+    return {"visual_attention": visual_attention, **_probe_scenes(vlm, scenes, layers, states, "layer")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,7 @@ class BoundInjection:
         self.layers = frozenset(module.layers)
         self.visual = visual  # (B, T0)
         self.tokens = tokens  # (n, D) the visual tokens as they entered the LM
+        self.rows = torch.nonzero(visual, as_tuple=True)  # (n,), (n,): where they sit, found once per prompt
 
     def __call__(self, h: Tensor, layer: int) -> Tensor:
         """h (B, T, D) entering `layer` (T >= T0: later positions are text) -> h with the visual rows updated."""
@@ -70,5 +71,4 @@ class BoundInjection:
         w_down = self.module.down[str(layer)]
         w_up = self.module.up[str(layer)]
         add = w_up(w_down(self.tokens.to(w_down.weight.dtype)))  # (n, D)
-        bi, ti = torch.nonzero(self.visual, as_tuple=True)
-        return h.index_put((bi, ti), add.to(h.dtype), accumulate=True)
+        return h.index_put(self.rows, add.to(h.dtype), accumulate=True)

@@ -58,3 +58,9 @@ def test_grid_by_kind_counts_the_wrong_open_answers(tmp_path, capsys):
     assert mod.main([str(path), "--wrong", "2"]) == 0
     assert "2: blue 2" in capsys.readouterr().out
     assert mod.main([str(path), "--wrong"]) == 2
+
+
+def test_grid_by_kind_help(capsys):
+    mod = load_benchmark("grid_by_kind")
+    assert mod.main(["--help"]) == 0
+    assert "--wrong" in capsys.readouterr().out
