@@ -75,6 +75,46 @@ class LlavaModel(nn.Module):
             return None
         return self.visual_inject.bind(inputs_embeds, input_ids == self.config.image_token_id)
 
+    def set_feature_layers(self, layers: int | Sequence[int]) -> None:
+        """Feed the projector other tower layers (a list is concatenated along channels, HF LLaVA's
+        `vision_feature_layer` list form). `linear_1` keeps its input columns for every layer it already
+        read; the columns of a newly added layer start at zero, so the model computes exactly what it did
+        before until they are trained (ours: how a trained projector gains a layer). Layers are hidden-state
+        indices as in transformers (0 = embeddings, -1 = the last layer)."""
+        import dataclasses
+
+        from ..cost import vision_layers_run
+
+        if not self.config.has_vision:
+            raise InputError("this is a text-only model; it has no vision features")
+        layers = (int(layers),) if isinstance(layers, int) else tuple(int(l) for l in layers)
+        value = layers[0] if len(layers) == 1 else layers
+        new_cfg = dataclasses.replace(self.config, vision_feature_layer=value)
+        vision_layers_run(new_cfg)  # range check with a clear error
+        n = self.config.vision.num_hidden_layers
+        blocks = feature_block_map(self.config.feature_layers, layers, n)
+        if blocks is None:
+            return
+        proj = self.multi_modal_projector
+        if proj.has_context:
+            raise InputError("the projector has a local-context branch, which reads the old feature width; "
+                             "changing the feature layers of such a projector is not supported")
+        dv = self.config.vision.hidden_size
+        old = proj.linear_1
+        new = nn.Linear(dv * len(layers), old.out_features, bias=old.bias is not None).to(old.weight.device,
+                                                                                           old.weight.dtype)
+        with torch.no_grad():
+            new.weight.zero_()
+            for i, j in enumerate(blocks):
+                if j is not None:
+                    new.weight[:, i * dv:(i + 1) * dv] = old.weight[:, j * dv:(j + 1) * dv]  # (D, Dv)
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+        new.requires_grad_(old.weight.requires_grad)
+        proj.linear_1 = new
+        proj.config = dataclasses.replace(proj.config, in_features=dv * len(layers))
+        self.config = dataclasses.replace(new_cfg, projector=proj.config)
+
     def add_projector_context(self, kernel: int, channels: int) -> None:
         """Give the projector a zero-initialised local-context branch (models/projector.py); the model's
         outputs are unchanged until the branch is trained or loaded."""
@@ -221,3 +261,18 @@ class LlavaModel(nn.Module):
                                      inject=inject)
         logits = self.language_model.logits(hidden)
         return VLMOutput(logits=logits, hidden_states=hidden if output_hidden_states else None)
+
+
+def feature_block_map(old: Sequence[int], new: Sequence[int], num_layers: int) -> list[int | None] | None:
+    """For each layer of `new` (hidden-state indices), the position of the same layer in `old`, or None
+    when `old` lacks it; None overall when the two select the same layers in the same order. -1 and
+    `num_layers` name the same layer. Duplicates in `new` are refused."""
+    def norm(k: int) -> int:
+        return k if k >= 0 else num_layers + 1 + k
+
+    o, n = [norm(k) for k in old], [norm(k) for k in new]
+    if len(set(n)) != len(n):
+        raise InputError(f"vision_feature_layer {list(new)} names a layer twice")
+    if o == n:
+        return None
+    return [o.index(k) if k in o else None for k in n]

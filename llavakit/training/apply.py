@@ -1,6 +1,7 @@
 """Apply trained weights (a run's `trained.safetensors`) to a loaded model, without peft.
 
-The file holds the projector (feature standardisation already folded into `linear_1`; a local-context
+The file holds the projector (feature standardisation already folded into `linear_1`; the tower layers
+it reads, when its metadata names them, are selected on the model first; a local-context
 branch, when present, is added to the model with the file's kernel and width), the visual re-injection
 branch when trained (added with the file's layers and rank), LoRA tensors
 under `lora.<lm-relative name>.lora_A/B.weight` and the LoRA spec in its metadata. LoRA is merged as
@@ -29,6 +30,13 @@ def apply_trained(model: torch.nn.Module, path: str | Path) -> dict:
         state = {k: f.get_tensor(k) for k in f.keys()}
     proj = {k[len("multi_modal_projector."):]: v for k, v in state.items() if k.startswith("multi_modal_projector.")}
     lm = model.language_model
+    if meta.get("vision_feature_layer"):  # the tower layers this file's projector reads
+        try:
+            layers = json.loads(meta["vision_feature_layer"])
+            model.set_feature_layers(layers)
+        except (ValueError, TypeError, InputError) as e:
+            raise CheckpointError(f"{path}: unusable vision_feature_layer {meta['vision_feature_layer']!r} in "
+                                  f"its metadata ({e})") from None
     if "context.conv.weight" in proj and not model.multi_modal_projector.has_context:
         c, _, k, _ = proj["context.conv.weight"].shape  # (C, C, k, k): the branch this file was trained with
         model.add_projector_context(k, c)
@@ -47,7 +55,12 @@ def apply_trained(model: torch.nn.Module, path: str | Path) -> dict:
                 raise CheckpointError(f"{path}: its visual re-injection branch does not match this model's "
                                       f"(layers {list(model.config.visual_inject_layers)}, rank "
                                       f"{model.config.visual_inject_rank}): {e}") from None
-        model.multi_modal_projector.load_state_dict(proj)
+        try:
+            model.multi_modal_projector.load_state_dict(proj)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: its projector does not match this model's (feature layers "
+                                  f"{list(model.config.feature_layers)}, {model.config.projector.in_features} "
+                                  f"input features): {e}") from None
         spec = json.loads(meta.get("lora") or "null")
         lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
         if lora and not spec:

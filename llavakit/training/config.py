@@ -77,6 +77,9 @@ class TrainConfig:
     projector_context_channels: int = 64
     visual_inject: tuple[int, ...] = ()  # LM layers where the visual tokens are re-added (models/visual_inject.py)
     visual_inject_rank: int = 64
+    # Tower layers the projector reads, overriding the model's (hidden-state indices; a list is concatenated
+    # along channels). Layers init_from's projector lacks start with zero input columns (LlavaModel.set_feature_layers).
+    vision_feature_layer: tuple[int, ...] = ()
     lora: LoraSpec | None = None  # LoRA on the language model (peft)
     cache_features: bool = True  # frozen tower: compute features once, train on the cache
     standardize_features: bool = True  # per-channel feature standardisation, folded into linear_1 on save
@@ -143,6 +146,14 @@ class TrainConfig:
                                                                 for l in layers):
                 raise InputError(f"visual_inject must be a list of LM layer indices, got {layers!r}")
             kw["visual_inject"] = tuple(layers)
+        if "vision_feature_layer" in kw:
+            layers = kw["vision_feature_layer"]
+            layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+            if not isinstance(layers, (list, tuple)) or not layers or not all(
+                    isinstance(l, int) and not isinstance(l, bool) for l in layers):
+                raise InputError(f"vision_feature_layer must be a tower layer index or a non-empty list of them, "
+                                 f"got {kw['vision_feature_layer']!r}")
+            kw["vision_feature_layer"] = tuple(layers)
         if "visual_token_keep" in kw:
             keep = kw["visual_token_keep"]
             if not isinstance(keep, (list, tuple)):

@@ -34,6 +34,7 @@ from ..errors import InputError, TrainingError
 from . import checkpoint
 from .config import TrainConfig
 from .data import ImageGroup, build_groups, mix
+from ..models.vlm import feature_block_map
 from .features import FeatureCache
 from .lora import apply_lora, grow_lora_state, load_lora_state, lora_state
 from .packing import block_mask, collate_packed, pack
@@ -127,9 +128,12 @@ class Trainer:
         if cfg.lora is not None:
             apply_lora(model.language_model, cfg.lora)
         self.mu = self.sd = None
+        self.stat_layers = model.config.feature_layers  # the layers self.mu / self.sd describe
         if cfg.init_from:
             src = Path(cfg.init_from).expanduser()
             self._load_trained(src if src.suffix == ".safetensors" else src / TRAINED)
+        if cfg.vision_feature_layer:
+            model.set_feature_layers(cfg.vision_feature_layer)
         self.fp = checkpoint.fingerprint(model.config.to_dict(), cfg.to_dict())
         self.resume_state = None if resume is None else self._check_out_dir(resume)
         self.ds = TurnLabeler(self.vlm.processor)
@@ -152,6 +156,8 @@ class Trainer:
             else:
                 d = self.features.table.shape[-1]
                 self.mu, self.sd = torch.zeros(d), torch.ones(d)
+        else:  # init_from's statistics; layers it did not read get this cache's (or none)
+            self.mu, self.sd = self._remap_stats(self.mu, self.sd)
         self.params = [p for p in model.parameters() if p.requires_grad]
         groups = []
         own_group = {id(p) for p in model.multi_modal_projector.context.parameters()} \
@@ -184,6 +190,26 @@ class Trainer:
                              f"choose another out_dir")
         return None
 
+    def _remap_stats(self, mu: Tensor, sd: Tensor) -> tuple[Tensor, Tensor]:
+        """Feature statistics of `self.stat_layers` laid out for the model's feature layers: a kept layer's
+        block is copied (so the loaded projector computes what it did), a new layer's block comes from
+        this run's cache (zeros and ones without standardisation)."""
+        blocks = feature_block_map(self.stat_layers, self.model.config.feature_layers,
+                                   self.model.config.vision.num_hidden_layers)
+        if blocks is None:
+            return mu, sd
+        dv = self.model.config.vision.hidden_size
+        d = self.features.table.shape[-1]
+        if self.cfg.standardize_features:
+            new_mu, new_sd = self.features.stats()
+        else:
+            new_mu, new_sd = torch.zeros(d), torch.ones(d)
+        for i, j in enumerate(blocks):
+            if j is not None:
+                new_mu[i * dv:(i + 1) * dv] = mu[j * dv:(j + 1) * dv]
+                new_sd[i * dv:(i + 1) * dv] = sd[j * dv:(j + 1) * dv]
+        return new_mu, new_sd
+
     def _load_trained(self, path: Path) -> None:
         from safetensors import safe_open
 
@@ -191,9 +217,16 @@ class Trainer:
             raise InputError(f"init_from: {path} does not exist (train the previous stage first, or name a "
                              f"trained .safetensors file)")
         with safe_open(str(path), "pt") as f:  # one read: tensors and the LoRA spec in the metadata
-            saved_spec = json.loads((f.metadata() or {}).get("lora") or "null")
+            meta = f.metadata() or {}
+            saved_spec = json.loads(meta.get("lora") or "null")
             state = {k: f.get_tensor(k).float() for k in f.keys()}  # fp32 (a shipped file stores fp16)
         self.mu, self.sd = state.pop("feature_mean"), state.pop("feature_std")
+        if meta.get("vision_feature_layer"):  # the layers its projector reads (files from before: the model's)
+            try:
+                self.model.set_feature_layers(json.loads(meta["vision_feature_layer"]))
+            except (ValueError, TypeError) as e:
+                raise InputError(f"init_from {path}: unreadable vision_feature_layer in its metadata ({e})") from None
+            self.stat_layers = self.model.config.feature_layers
         proj = {k[len("multi_modal_projector."):]: v for k, v in state.items() if k.startswith("multi_modal_projector.")}
         proj = unfold_standardization(proj, self.mu, self.sd)  # train in standardised space
         has_ctx = any(k.startswith("context.") for k in proj)
@@ -360,7 +393,8 @@ class Trainer:
                         for k, v in self.model.visual_inject.state_dict().items()})
         out["feature_mean"], out["feature_std"] = self.mu.contiguous(), self.sd.contiguous()
         meta = {"lora": json.dumps(self.cfg.lora.__dict__ if self.cfg.lora else None, default=list),
-                "steps": str(self.step), "stage": self.cfg.stage}
+                "steps": str(self.step), "stage": self.cfg.stage,
+                "vision_feature_layer": json.dumps(list(self.model.config.feature_layers))}
         tmp = path.with_suffix(".tmp")
         save_file(out, str(tmp), metadata=meta)
         os.replace(tmp, path)
