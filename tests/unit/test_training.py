@@ -371,14 +371,19 @@ def test_torchrun_two_processes(tiny, tmp_path):
 
 def test_every_shipped_recipe_parses():
     """Each recipes/*.yaml is a valid TrainConfig (an unknown key or a bad value would fail here, not in
-    the middle of someone's hour-long run), and the documented init_from files exist."""
+    the middle of someone's hour-long run), and each init_from is a file in the repository or the output of
+    another recipe (its out_dir, or the trained.safetensors in it)."""
     from llavakit.training.config import TrainConfig
 
     root = Path(__file__).resolve().parents[2]
     recipes = sorted((root / "recipes").glob("*.yaml"))
     assert len(recipes) >= 6
-    for path in recipes:
-        cfg = TrainConfig.from_yaml(path)
+    cfgs = {path: TrainConfig.from_yaml(path) for path in recipes}
+    outputs = {c.out_dir.rstrip("/") for c in cfgs.values()}
+    for path, cfg in cfgs.items():
         assert cfg.steps > 0 and cfg.model == "default", path
         if cfg.init_from:
-            assert (root / cfg.init_from).is_file(), f"{path.name}: init_from {cfg.init_from} is missing"
+            run = cfg.init_from[: -len("/trained.safetensors")] if cfg.init_from.endswith("/trained.safetensors") \
+                else cfg.init_from.rstrip("/")
+            assert (root / cfg.init_from).is_file() or (run in outputs and run != cfg.out_dir.rstrip("/")), \
+                f"{path.name}: init_from {cfg.init_from} is neither in the repository nor another recipe's output"
