@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 from ..data.dataset import IGNORE_INDEX, TurnLabeler
 from ..errors import InputError, TrainingError
+from ..models.vlm import feature_block_map
 from . import checkpoint
 from .config import TrainConfig
 from .data import ImageGroup, build_groups, mix
-from ..models.vlm import feature_block_map
 from .features import FeatureCache
 from .lora import apply_lora, grow_lora_state, load_lora_state, lora_state
 from .packing import block_mask, collate_packed, pack
@@ -232,7 +232,11 @@ class Trainer:
         has_ctx = any(k.startswith("context.") for k in proj)
         if has_ctx and not self.model.multi_modal_projector.has_context:
             raise InputError(f"init_from {path} has a projector context branch; set projector_context in the recipe")
-        missing, unexpected = self.model.multi_modal_projector.load_state_dict(proj, strict=False)
+        try:
+            missing, unexpected = self.model.multi_modal_projector.load_state_dict(proj, strict=False)
+        except RuntimeError as e:  # a shape mismatch, e.g. a projector that read other tower layers
+            raise InputError(f"init_from {path}: its projector does not fit this model's (feature layers "
+                             f"{list(self.model.config.feature_layers)}): {e}") from None
         if unexpected or any(not k.startswith("context.") for k in missing) or (has_ctx and missing):
             raise InputError(f"init_from {path}: projector tensors do not match this model "
                              f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")

@@ -126,3 +126,6 @@ def test_a_file_whose_projector_does_not_fit_is_refused(tiny, tmp_path):
     fixed = llavakit.load(str(tiny))
     apply_trained(fixed.model, bad)  # the metadata says which two layers: it loads
     assert fixed.config.feature_layers == (1, -2)
+    save_file({**state, "feature_mean": torch.zeros(2 * dv), "feature_std": torch.ones(2 * dv)}, str(bad))
+    with pytest.raises(InputError, match="does not fit"):  # as init_from, without layers in its metadata
+        Trainer(TrainConfig.from_yaml(_recipe(tmp_path, tiny, init_from=str(bad)))).setup()
