@@ -105,9 +105,7 @@ class LlavaModel(nn.Module):
                                                                                            old.weight.dtype)
         with torch.no_grad():
             new.weight.zero_()
-            for i, j in enumerate(blocks):
-                if j is not None:
-                    new.weight[:, i * dv:(i + 1) * dv] = old.weight[:, j * dv:(j + 1) * dv]  # (D, Dv)
+            copy_feature_blocks(new.weight, old.weight, blocks, dv)  # (D, L' * Dv) <- (D, L * Dv)
             if old.bias is not None:
                 new.bias.copy_(old.bias)
         new.requires_grad_(old.weight.requires_grad)
@@ -276,3 +274,12 @@ def feature_block_map(old: Sequence[int], new: Sequence[int], num_layers: int) -
     if o == n:
         return None
     return [o.index(k) if k in o else None for k in n]
+
+
+def copy_feature_blocks(dst: Tensor, src: Tensor, blocks: Sequence[int | None], dv: int) -> Tensor:
+    """Copy, along the last dim, each Dv-wide block of `src` to where `blocks` (from `feature_block_map`)
+    puts it in `dst`; blocks mapped to None are left as they are. In place; returns `dst`."""
+    for i, j in enumerate(blocks):
+        if j is not None:
+            dst[..., i * dv:(i + 1) * dv] = src[..., j * dv:(j + 1) * dv]
+    return dst

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from ..data.dataset import IGNORE_INDEX, TurnLabeler
 from ..errors import InputError, TrainingError
-from ..models.vlm import feature_block_map
+from ..models.vlm import copy_feature_blocks, feature_block_map
 from . import checkpoint
 from .config import TrainConfig
 from .data import ImageGroup, build_groups, mix
@@ -204,11 +204,7 @@ class Trainer:
             new_mu, new_sd = self.features.stats()
         else:
             new_mu, new_sd = torch.zeros(d), torch.ones(d)
-        for i, j in enumerate(blocks):
-            if j is not None:
-                new_mu[i * dv:(i + 1) * dv] = mu[j * dv:(j + 1) * dv]
-                new_sd[i * dv:(i + 1) * dv] = sd[j * dv:(j + 1) * dv]
-        return new_mu, new_sd
+        return copy_feature_blocks(new_mu, mu, blocks, dv), copy_feature_blocks(new_sd, sd, blocks, dv)
 
     def _load_trained(self, path: Path) -> None:
         from safetensors import safe_open
