@@ -79,7 +79,7 @@ def apply_trained(model: torch.nn.Module, path: str | Path) -> dict:
 def compact_trained(src: str | Path, dst: str | Path) -> Path:
     """Write `src` (a run's trained.safetensors) to `dst` with LoRA and projector tensors in fp16.
 
-    Ours, for shipping (half the bytes; the repository keeps tracked files under 20 MiB): fp16 keeps
+    Ours, for shipping (half the bytes, so the shipped file stays near 20 MiB): fp16 keeps
     each weight to ~5e-4 relative; the feature statistics stay fp32 and `apply_trained` computes in
     the model's dtype. The metadata is kept. Written to a temporary file and renamed, so `dst` is
     never half-written.
