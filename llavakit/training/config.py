@@ -12,7 +12,8 @@ from typing import Any, Mapping
 
 from ..errors import InputError
 
-DATA_KINDS = ("easyvqa", "world-caption", "world-instruction", "world-qa", "world-bind", "world-report", "llava-json")
+DATA_KINDS = ("easyvqa", "world-caption", "world-instruction", "world-qa", "world-bind", "world-position",
+              "world-report", "llava-json")
 YES_NO_MODES = ("all", "balanced")
 STAGES = ("align", "instruct")
 PRECISIONS = ("fp32", "bf16")

@@ -236,6 +236,34 @@ def test_world_bind_source_asks_binding_questions_with_true_answers():
                 assert answer in POSITION_PHRASES
     assert checked >= 10
 
+
+def test_world_position_source_asks_only_where_each_object_is():
+    import re
+
+    from llavakit.data.world.scene import POSITIONS
+    from llavakit.training.config import DATA_KINDS, DataSource
+    from llavakit.training.data import _world_scene, build_groups
+
+    assert "world-position" in DATA_KINDS
+    src = DataSource(kind="world-position", n=60, questions_per_image=16, seed=0)
+    groups = build_groups(src)
+    assert [g.blocks for g in groups] == [g.blocks for g in build_groups(src)]  # deterministic
+    answers = set()
+    for group in groups:
+        i = int(group.key.split(":")[-1])
+        scene = _world_scene(i, 5003, words=False)[1]  # the scene the group was drawn from
+        asked = [q for b in group.blocks for q, _ in b]
+        assert len(asked) == len(set(asked))  # each question once
+        for ((question, answer),) in group.blocks:
+            assert answer in POSITIONS
+            answers.add(answer)
+            ref = re.search(r"(?:where is|part of the image is) the (.+?)(?: located)?\?", question.lower()).group(1).split()
+            named = [o for o in scene.objects if all(w in (o.colour, o.shape, o.size, "object") for w in ref)]
+            assert len(named) == 1 and scene.position(named[0]) == answer, (question, answer)
+    assert answers == set(POSITIONS)
+    assert sum(len(g.blocks) for g in groups) > 2 * len(groups)  # several questions share one image
+
+
 def test_non_finite_steps_are_skipped_and_a_diverged_run_stops(tiny, tmp_path, monkeypatch):
     from llavakit.errors import TrainingError
     from llavakit.training import trainer as trainer_mod
