@@ -530,7 +530,7 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
 
 
 def trained_weights() -> Path | None:
-    """The trained projector + LoRA shipped in the package, if any (recipes/default-layers3.yaml; the
+    """The trained projector + LoRA shipped in the package, if any (recipes/default-position2.yaml, stage H5; the
     model card is docs/default-model-training.md)."""
     p = Path(__file__).resolve().parent / "weights" / "default-trained.safetensors"
     return p if p.is_file() else None

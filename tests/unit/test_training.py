@@ -257,7 +257,8 @@ def test_world_position_source_asks_only_where_each_object_is():
         for ((question, answer),) in group.blocks:
             assert answer in POSITIONS
             answers.add(answer)
-            ref = re.search(r"(?:where is|part of the image is) the (.+?)(?: located)?\?", question.lower()).group(1).split()
+            where = re.search(r"(?:where is|part of the image is) the (.+?)(?: located)?\?", question.lower())
+            ref = where.group(1).split()
             named = [o for o in scene.objects if all(w in (o.colour, o.shape, o.size, "object") for w in ref)]
             assert len(named) == 1 and scene.position(named[0]) == answer, (question, answer)
     assert answers == set(POSITIONS)

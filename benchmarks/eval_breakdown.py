@@ -1,0 +1,98 @@
+"""Where an evaluation's answers go wrong, from `llavakit eval`'s predictions.jsonl.
+
+Prints, for the tasks present:
+- world-position: the 3x3 grid's row and column accuracy, and the confusion (gold row x predicted cell);
+- world-count: accuracy per gold count and the (gold, predicted) pairs of the misses;
+- easyvqa: accuracy on colour / shape / yes-no questions, with the shuffled-image score when the run
+  had `--shuffled-control`.
+These are the breakdown rows of docs/default-model-training.md's stage tables.
+
+    python benchmarks/eval_breakdown.py docs/eval/default-position2-200-world360/predictions.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter, defaultdict
+
+
+def _rows(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def position(rows: list[dict]) -> dict:
+    """Row / column accuracy (% of items) and the confusion Counter[(gold, predicted)] of world-position."""
+    from llavakit.data.world.scene import POSITIONS
+    from llavakit.eval.scoring import normalize
+
+    items = [r for r in rows if r["task"] == "world-position"]
+    cell = {p: (i // 3, i % 3) for i, p in enumerate(POSITIONS)}
+    pred = [cell.get(normalize(r["prediction"])) for r in items]
+    gold = [cell[r["answer"]] for r in items]
+    n = len(items) or 1
+    return {"n": len(items),
+            "row": 100.0 * sum(p is not None and p[0] == g[0] for p, g in zip(pred, gold)) / n,
+            "column": 100.0 * sum(p is not None and p[1] == g[1] for p, g in zip(pred, gold)) / n,
+            "confusion": Counter((r["answer"], normalize(r["prediction"])) for r in items)}
+
+
+def count(rows: list[dict]) -> dict:
+    """Accuracy per gold count and the misses Counter[(gold, predicted)] of world-count."""
+    from llavakit.eval.scoring import normalize
+
+    per: dict[str, list[float]] = defaultdict(list)
+    misses: Counter = Counter()
+    for r in rows:
+        if r["task"] == "world-count":
+            per[r["answer"]].append(float(r["score"]))
+            if not r["score"]:
+                misses[(r["answer"], normalize(r["prediction"]))] += 1
+    return {"per_count": {k: (len(v), 100.0 * sum(v) / len(v)) for k, v in sorted(per.items())}, "misses": misses}
+
+
+def easyvqa(rows: list[dict]) -> dict:
+    """{kind: (n, acc %, shuffled acc % or None)} for easy-vqa's colour, shape and yes/no questions."""
+    from llavakit.data.easyvqa import COLORS
+
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["task"] == "easyvqa":
+            kind = "yes/no" if r["answer"] in ("yes", "no") else "colour" if r["answer"] in COLORS else "shape"
+            groups[kind].append(r)
+    out = {}
+    for kind in ("colour", "shape", "yes/no"):
+        g = groups.get(kind, [])
+        if g:
+            shuffled = [r["score_shuffled"] for r in g if "score_shuffled" in r]
+            out[kind] = (len(g), 100.0 * sum(r["score"] for r in g) / len(g),
+                         100.0 * sum(shuffled) / len(shuffled) if shuffled else None)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__)
+        return 2
+    rows = _rows(argv[0])
+    tasks = {r["task"] for r in rows}
+    if "world-position" in tasks:
+        p = position(rows)
+        print(f"world-position (n={p['n']}): row {p['row']:.1f} %, column {p['column']:.1f} %")
+        for (g, pr), k in sorted(p["confusion"].items()):
+            if g != pr:
+                print(f"  {g!r} -> {pr!r}: {k}")
+    if "world-count" in tasks:
+        c = count(rows)
+        print("world-count: " + ", ".join(f"{k}: {a:.1f} % (n={n})" for k, (n, a) in c["per_count"].items()))
+        for (g, pr), k in sorted(c["misses"].items()):
+            print(f"  {g} -> {pr}: {k}")
+    if "easyvqa" in tasks:
+        for kind, (n, acc, sh) in easyvqa(rows).items():
+            print(f"easyvqa {kind} (n={n}): {acc:.1f} %" + ("" if sh is None else f" (shuffled image {sh:.1f} %)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

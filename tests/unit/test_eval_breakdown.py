@@ -1,0 +1,42 @@
+"""benchmarks/eval_breakdown.py: grid row / column, per-count and easy-vqa kind splits of eval predictions."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("eval_breakdown", ROOT / "benchmarks" / "eval_breakdown.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_breakdown_splits_position_count_and_easyvqa(tmp_path, capsys):
+    mod = _module()
+    rows = [
+        {"task": "world-position", "answer": "top", "prediction": "Top left.", "score": 0.0},  # row right, column wrong
+        {"task": "world-position", "answer": "middle", "prediction": "middle", "score": 1.0},
+        {"task": "world-position", "answer": "bottom right", "prediction": "left", "score": 0.0},
+        {"task": "world-count", "answer": "3", "prediction": "4", "score": 0.0},
+        {"task": "world-count", "answer": "3", "prediction": "3", "score": 1.0},
+        {"task": "easyvqa", "answer": "red", "prediction": "red", "score": 1.0, "score_shuffled": 0.0},
+        {"task": "easyvqa", "answer": "circle", "prediction": "square", "score": 0.0, "score_shuffled": 1.0},
+        {"task": "easyvqa", "answer": "yes", "prediction": "yes", "score": 1.0, "score_shuffled": 1.0},
+    ]
+    p = mod.position(rows)
+    assert p["n"] == 3 and round(p["row"], 1) == 66.7 and round(p["column"], 1) == 33.3
+    assert p["confusion"][("top", "top left")] == 1
+    c = mod.count(rows)
+    assert c["per_count"] == {"3": (2, 50.0)} and c["misses"] == {("3", "4"): 1}
+    assert mod.easyvqa(rows) == {"colour": (1, 100.0, 0.0), "shape": (1, 0.0, 100.0), "yes/no": (1, 100.0, 100.0)}
+    f = tmp_path / "predictions.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert mod.main([str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "row 66.7 %, column 33.3 %" in out and "3 -> 4: 1" in out and "easyvqa shape (n=1): 0.0 %" in out
+    assert mod.main([]) == 2
