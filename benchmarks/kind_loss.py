@@ -8,7 +8,7 @@ count, exists, read). Scenes come from the `world-qa` training source with a see
 half, like every training scene, not from the evaluation half. Forced accuracy is close to, not the
 same as, `llavakit eval` accuracy (greedy decoding may stop or continue differently).
 
-    python benchmarks/kind_loss.py --weights llavakit/default/weights/default-trained.safetensors \
+    python benchmarks/kind_loss.py --weights "$(python -c 'from llavakit.default.build import trained_weights; print(trained_weights())')" \
         --weights ~/.cache/llavakit/runs/default-see/trained.safetensors --scenes 48 --out /tmp/kind_loss.json
 """
 

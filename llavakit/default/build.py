@@ -530,7 +530,25 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
 
 
 def trained_weights() -> Path | None:
-    """The trained projector + LoRA shipped in the package, if any (recipes/default-position2.yaml, stage H5; the
-    model card is docs/default-model-training.md)."""
-    p = Path(__file__).resolve().parent / "weights" / "default-trained.safetensors"
-    return p if p.is_file() else None
+    """The trained projector + LoRA shipped in the package, if any (recipes/default-position2.yaml, stage H5;
+    the model card is docs/default-model-training.md), as a plain .safetensors path.
+
+    The package holds it gzip-packed (`default-trained.safetensors.gz`, written by
+    `llavakit.training.apply.compact_trained`; ours: it keeps the tracked file under 20 MiB). The first
+    call unpacks it into the cache, named by the packed file's hash, through a temporary file and a rename.
+    """
+    import gzip
+
+    from ..paths import cache_dir
+
+    packed = Path(__file__).resolve().parent / "weights" / "default-trained.safetensors.gz"
+    if not packed.is_file():
+        return None
+    data = packed.read_bytes()
+    out = cache_dir() / "default-trained" / f"{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(gzip.decompress(data))
+        os.replace(tmp, out)
+    return out

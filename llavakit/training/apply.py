@@ -79,10 +79,11 @@ def apply_trained(model: torch.nn.Module, path: str | Path) -> dict:
 def compact_trained(src: str | Path, dst: str | Path) -> Path:
     """Write `src` (a run's trained.safetensors) to `dst` with LoRA and projector tensors in fp16.
 
-    Ours, for shipping (half the bytes, so the shipped file stays near 20 MiB): fp16 keeps
+    Ours, for shipping (half the bytes; the repository keeps tracked files under 20 MiB): fp16 keeps
     each weight to ~5e-4 relative; the feature statistics stay fp32 and `apply_trained` computes in
-    the model's dtype. The metadata is kept. Written to a temporary file and renamed, so `dst` is
-    never half-written.
+    the model's dtype. The metadata is kept. A `dst` ending in ".gz" is gzip-packed (the shipped
+    default's form, unpacked by `llavakit.default.build.trained_weights`). Written to a temporary file
+    and renamed, so `dst` is never half-written.
     """
     import os
 
@@ -99,5 +100,9 @@ def compact_trained(src: str | Path, dst: str | Path) -> Path:
     out = {k: (v.half() if k.startswith(half) and v.is_floating_point() else v).contiguous() for k, v in state.items()}
     tmp = dst.with_name(dst.name + ".tmp")
     save_file(out, str(tmp), metadata=meta)
+    if dst.name.endswith(".gz"):
+        import gzip
+
+        tmp.write_bytes(gzip.compress(tmp.read_bytes(), mtime=0))  # mtime 0: the same bytes on every run
     os.replace(tmp, dst)
     return dst

@@ -64,7 +64,7 @@ def test_packed_blocks_give_the_same_logits_as_alone(tiny):
     assert (batch["labels"][0][batch["block_ids"][0] == 0] == IGNORE_INDEX).all()
 
 
-def test_train_writes_weights_that_reload(tiny, tmp_path):
+def test_train_writes_weights_that_reload(tiny, tmp_path, monkeypatch):
     out = train(_recipe(tmp_path, tiny))
     logs = [json.loads(x) for x in (out / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == list(range(1, 7)) and all(r["loss"] > 0 for r in logs)
@@ -84,6 +84,35 @@ def test_train_writes_weights_that_reload(tiny, tmp_path):
     apply_trained(other.model, half)
     for (k, a), b in zip(vlm.model.named_parameters(), other.model.parameters()):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), k  # fp16 rounding
+    # the packed form the package ships: gzip of the same bytes, unpacked once into the cache by trained_weights
+    import gzip
+
+    from llavakit.default import build as build_mod
+
+    from safetensors import safe_open
+
+    def content(path):  # metadata and tensors (safetensors writes the metadata keys in no fixed order)
+        with safe_open(str(path), "pt") as f:
+            return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+    def same(p, q):
+        (ma, ta), (mb, tb) = content(p), content(q)
+        return ma == mb and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+    packed = compact_trained(out / "trained.safetensors", tmp_path / "half.safetensors.gz")
+    assert packed.stat().st_size < half.stat().st_size
+    (tmp_path / "plain.safetensors").write_bytes(gzip.decompress(packed.read_bytes()))
+    assert same(tmp_path / "plain.safetensors", half)
+    package = tmp_path / "pkg"
+    (package / "weights").mkdir(parents=True)
+    (package / "weights" / "default-trained.safetensors.gz").write_bytes(packed.read_bytes())
+    monkeypatch.setattr(build_mod, "__file__", str(package / "build.py"))
+    monkeypatch.setenv("LLAVAKIT_CACHE", str(tmp_path / "cache"))
+    unpacked = build_mod.trained_weights()
+    assert unpacked.parent == tmp_path / "cache" / "default-trained" and same(unpacked, half)
+    assert build_mod.trained_weights() == unpacked and len(list(unpacked.parent.iterdir())) == 1  # reused
+    (package / "weights" / "default-trained.safetensors.gz").unlink()
+    assert build_mod.trained_weights() is None
     # load(trained=RUN) applies a run's weights (the file or its out_dir), the same as apply_trained
     for src in (out, out / "trained.safetensors"):
         via = llavakit.load(str(tiny), trained=src)
