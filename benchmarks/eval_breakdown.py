@@ -2,7 +2,11 @@
 
 Prints, for the tasks present:
 - world-position: the 3x3 grid's row and column accuracy, and the confusion (gold row x predicted cell);
-- world-count: accuracy per gold count and the (gold, predicted) pairs of the misses;
+- world-count: accuracy per gold count and the (gold, predicted) pairs of the misses; and, for scenes of
+  2+ objects, accuracy with the over- and under-count shares by whether more objects are small or large
+  (an answer read from the area the objects cover over-counts large ones and under-counts small ones);
+- world-report-simple / -complex: accuracy per corruption (none / insert / remove / substitute) and per
+  number of statements in the report;
 - easyvqa: accuracy on colour / shape / yes-no questions, with the shuffled-image score when the run
   had `--shuffled-control`.
 These are the breakdown rows of docs/default-model-training.md's stage tables.
@@ -52,6 +56,50 @@ def count(rows: list[dict]) -> dict:
     return {"per_count": {k: (len(v), 100.0 * sum(v) / len(v)) for k, v in sorted(per.items())}, "misses": misses}
 
 
+def _item(row: dict):
+    """The world item a prediction row was scored on (item ids are TASK-SEED-INDEX)."""
+    from llavakit.data.world import eval_item
+
+    task, seed, i = row["id"].rsplit("-", 2)
+    return eval_item(task, int(seed), int(i))
+
+
+def count_by_size(rows: list[dict]) -> dict:
+    """{"more small" | "equal" | "more large": (n, acc %, over-count %, under-count %)} over 2+ object scenes."""
+    from llavakit.eval.scoring import normalize
+
+    groups: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    for r in rows:
+        if r["task"] != "world-count" or "id" not in r:
+            continue
+        objects = _item(r).scene.objects
+        if len(objects) < 2:
+            continue
+        large = sum(o.size == "large" for o in objects)
+        key = "more small" if 2 * large < len(objects) else "more large" if 2 * large > len(objects) else "equal"
+        pred = normalize(r["prediction"])
+        diff = int(pred) - int(r["answer"]) if pred.isdigit() else 0
+        groups[key].append((float(r["score"]), diff))
+    return {k: (len(g), 100.0 * sum(s for s, _ in g) / len(g), 100.0 * sum(d > 0 for _, d in g) / len(g),
+                100.0 * sum(d < 0 for _, d in g) / len(g))
+            for k in ("more small", "equal", "more large") if (g := groups.get(k))}
+
+
+def report(rows: list[dict]) -> dict:
+    """{task: {"corruption": {label: (n, acc %)}, "statements": {k: (n, acc %)}}} for the report tasks."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        if not r["task"].startswith("world-report-") or "id" not in r:
+            continue
+        item = _item(r)
+        k = item.question.split("Report: ", 1)[1].count(".")
+        t = out.setdefault(r["task"], {"corruption": defaultdict(list), "statements": defaultdict(list)})
+        t["corruption"][item.detail].append(float(r["score"]))
+        t["statements"][k].append(float(r["score"]))
+    return {task: {part: {k: (len(v), 100.0 * sum(v) / len(v)) for k, v in sorted(d.items())} for part, d in t.items()}
+            for task, t in out.items()}
+
+
 def easyvqa(rows: list[dict]) -> dict:
     """{kind: (n, acc %, shuffled acc % or None)} for easy-vqa's colour, shape and yes/no questions."""
     from llavakit.data.easyvqa import COLORS
@@ -88,6 +136,11 @@ def main(argv: list[str]) -> int:
         print("world-count: " + ", ".join(f"{k}: {a:.1f} % (n={n})" for k, (n, a) in c["per_count"].items()))
         for (g, pr), k in sorted(c["misses"].items()):
             print(f"  {g} -> {pr}: {k}")
+        for key, (n, acc, over, under) in count_by_size(rows).items():
+            print(f"  2+ objects, {key} (n={n}): {acc:.1f} %, over-count {over:.1f} %, under-count {under:.1f} %")
+    for task, parts in report(rows).items():
+        print(f"{task}: " + ", ".join(f"{k}: {a:.1f} % (n={n})" for k, (n, a) in parts["corruption"].items()))
+        print("  by statements: " + ", ".join(f"{k}: {a:.1f} % (n={n})" for k, (n, a) in parts["statements"].items()))
     if "easyvqa" in tasks:
         for kind, (n, acc, sh) in easyvqa(rows).items():
             print(f"easyvqa {kind} (n={n}): {acc:.1f} %" + ("" if sh is None else f" (shuffled image {sh:.1f} %)"))

@@ -530,7 +530,7 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
 
 
 def trained_weights() -> Path | None:
-    """The trained projector + LoRA shipped in the package, if any (recipes/default-position2.yaml, stage H5;
+    """The trained projector + LoRA shipped in the package, if any (recipes/default-check3.yaml, stage I3;
     the model card is docs/default-model-training.md), as a plain .safetensors path.
 
     The package holds it gzip-packed (`default-trained.safetensors.gz`, written by

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from ..errors import InputError
 
 DATA_KINDS = ("easyvqa", "world-caption", "world-instruction", "world-qa", "world-bind", "world-position",
-              "world-report", "llava-json")
+              "world-check", "world-count", "world-omit", "world-report", "llava-json")
 YES_NO_MODES = ("all", "balanced")
 STAGES = ("align", "instruct")
 PRECISIONS = ("fp32", "bf16")

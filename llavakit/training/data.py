@@ -20,6 +20,22 @@ Sources (`DataSource.kind`):
   object's position named by colour and shape (world-position's form) and, when one attribute names it
   alone, by its shape or by its colour. Ours: a curriculum source for the 3x3 grid's column, which the
   mixed sources taught far less well than the row (stage H3: row 94 %, column 53 % on world-position).
+- world-check: scenes of 1-5 objects (the report tasks' range, no words), a curriculum for SIMPLE report
+  checking: each object's statement in the report's wording checked true and one false statement per
+  object checked ("Is this statement about the image true? ..."), "What is in the top left?" for every
+  taken cell and as many free ones ("nothing"), the total count, and four SIMPLE reports of the scene
+  (two correct, two with an error of a kind the scene allows), so the same image carries both answers.
+  Ours: the decomposition (statement, cell, count, then whole reports); yes/no balanced by construction.
+- world-count: scenes of 1-5 objects (no words), a counting curriculum: the total count twice (two
+  wordings), the count of small and of large shapes, of each grid row and column ("How many shapes are
+  in the top row?", often "0"), and two counts of a colour or a shape. Ours: a source that splits a count into
+  parts; stage I's model under-counted scenes of mostly small objects and over-counted mostly large ones
+  (an answer read from the covered area; `benchmarks/eval_breakdown.py`).
+- world-omit: scenes of 2-5 objects, a curriculum for the remove error (a report that leaves an object
+  out; every statement in it is true, so world-check's single-statement checks cannot teach it): two
+  complete and two incomplete reports asked SIMPLE, "Which shape in the image does this report leave
+  out?" ("none" or the dropped object), "Does this report mention the shape in the top left?", the
+  incomplete report's statement count and the image's count (`report.omission_checks`). Ours.
 - world-caption: one caption block per scene.
 - llava-json: a LLaVA conversation JSON file, one group per sample.
 Our choices: the block layout above, so every image's features are reused by several targets, and
@@ -53,6 +69,8 @@ class ImageGroup:
 def build_groups(src: DataSource) -> list[ImageGroup]:
     builders = {"easyvqa": _easyvqa, "world-instruction": _world_instruction, "world-qa": _world_qa,
                 "world-bind": _world_bind, "world-position": _world_position,
+                "world-check": _world_check,
+                "world-count": _world_count, "world-omit": _world_omit,
                 "world-report": _world_report, "world-caption": _world_caption, "llava-json": _llava_json}
     groups = builders[src.kind](src)
     if src.kind == "llava-json":
@@ -206,6 +224,70 @@ def _world_position(src: DataSource) -> list[ImageGroup]:
         seen: set[str] = set()
         qa = [x for x in qa if x is not None and not (x[0] in seen or seen.add(x[0]))]  # one of each question
         out += _single_round_groups(f"world-position:{src.seed}:{i}", scene, qa, rng, src.questions_per_image)
+    return out
+
+
+def _world_check(src: DataSource) -> list[ImageGroup]:
+    from ..data.world.language import POSITION_PHRASES, count_question, describe
+    from ..data.world.report import CORRUPTIONS, report, report_answer, report_question, statement_checks
+    from ..data.world.scene import POSITIONS
+
+    out = []
+    for i in range(src.n or 1000):
+        rng, scene = _world_scene(i, src.seed + 15485863, words=False, n_objects=(1, 5))
+        qa = statement_checks(scene, rng)
+        taken = {scene.position(o): o for o in scene.objects}
+        free = [p for p in POSITIONS if p not in taken]
+        qa += [(f"What is {POSITION_PHRASES[p]}?", describe(scene, o, position=False, word=False))
+               for p, o in taken.items()]
+        qa += [(f"What is {POSITION_PHRASES[free[j]]}?", "nothing")
+               for j in rng.permutation(len(free))[:len(taken)]]
+        qa.append(count_question(scene, rng, total_only=True))
+        allowed = [c for c in CORRUPTIONS if not (c == "remove" and len(taken) < 2) and not (c == "insert" and not free)]
+        wrong = [allowed[j] for j in rng.permutation(len(allowed))[:2]]
+        wrong += wrong[:2 - len(wrong)]  # a one-object scene allows one kind only: use it twice
+        for label in ("none", "none", *wrong):
+            text, got = report(scene, rng, None if label == "none" else label)
+            qa.append((report_question(text, "simple", rng), report_answer(got, "simple")))
+        out += _single_round_groups(f"world-check:{src.seed}:{i}", scene, qa, rng, src.questions_per_image)
+    return out
+
+
+def _world_omit(src: DataSource) -> list[ImageGroup]:
+    from ..data.world.language import count_question
+    from ..data.world.report import omission_checks
+
+    out = []
+    for i in range(src.n or 1000):
+        rng, scene = _world_scene(i, src.seed + 49979687, words=False, n_objects=(2, 5))
+        qa = omission_checks(scene, rng) + [count_question(scene, rng, total_only=True)]
+        out += _single_round_groups(f"world-omit:{src.seed}:{i}", scene, qa, rng, src.questions_per_image)
+    return out
+
+
+_ROWS = ("top row", "middle row", "bottom row")
+_COLUMNS = ("left column", "middle column", "right column")
+
+
+def _world_count(src: DataSource) -> list[ImageGroup]:
+    from ..data.world.language import COUNT_TEMPLATES, count_question
+    from ..data.world.scene import POSITIONS, SIZES
+
+    out = []
+    for i in range(src.n or 1000):
+        rng, scene = _world_scene(i, src.seed + 32452843, words=False, n_objects=(1, 5))
+        n = str(len(scene.objects))
+        cells = [POSITIONS.index(scene.position(o)) for o in scene.objects]
+        qa = [(COUNT_TEMPLATES[j], n) for j in rng.permutation(len(COUNT_TEMPLATES))[:2]]
+        qa += [(f"How many {size} shapes are there?", str(sum(o.size == size for o in scene.objects))) for size in SIZES]
+        qa += [(f"How many shapes are in the {name}?", str(sum(c // 3 == r for c in cells))) for r, name in enumerate(_ROWS)]
+        qa += [(f"How many shapes are in the {name}?", str(sum(c % 3 == k for c in cells)))
+               for k, name in enumerate(_COLUMNS)]
+        while len(qa) < 12:  # two colour or shape counts (count_question's kinds 1 and 2)
+            q = count_question(scene, rng)
+            if q[0] not in COUNT_TEMPLATES and q[0] not in {x for x, _ in qa}:
+                qa.append(q)
+        out += _single_round_groups(f"world-count:{src.seed}:{i}", scene, qa, rng, src.questions_per_image)
     return out
 
 

@@ -40,3 +40,32 @@ def test_breakdown_splits_position_count_and_easyvqa(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "row 66.7 %, column 33.3 %" in out and "3 -> 4: 1" in out and "easyvqa shape (n=1): 0.0 %" in out
     assert mod.main([]) == 2
+
+
+def test_breakdown_of_count_by_object_size_and_report_by_corruption(capsys, tmp_path):
+    from llavakit.data.world import eval_item
+
+    mod = _module()
+    rows = []
+    for i in range(24):
+        item = eval_item("world-count", 0, i)
+        rows.append({"task": item.task, "id": item.id, "answer": item.answer, "score": 0.0,
+                     "prediction": str(int(item.answer) + 1)})  # every answer one too many
+    c = mod.count_by_size(rows)
+    multi = [r for r in rows if int(r["answer"]) >= 2]
+    assert sum(n for n, *_ in c.values()) == len(multi) > 0
+    assert all(acc == 0.0 and over == 100.0 and under == 0.0 for _, acc, over, under in c.values())
+    reports = []
+    for i in range(12):
+        item = eval_item("world-report-simple", 0, i)
+        reports.append({"task": item.task, "id": item.id, "answer": item.answer, "prediction": "yes",
+                        "score": float(item.answer == "yes")})
+    r = mod.report(reports)["world-report-simple"]
+    assert r["corruption"]["none"][1] == 0.0 and r["corruption"]["none"][0] == 6  # "yes" is wrong on every correct report
+    assert all(acc == 100.0 for label, (_, acc) in r["corruption"].items() if label != "none")
+    assert sum(n for n, _ in r["statements"].values()) == 12
+    f = tmp_path / "predictions.jsonl"
+    f.write_text("".join(json.dumps(x) + "\n" for x in rows + reports))
+    assert mod.main([str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "over-count 100.0 %" in out and "world-report-simple: insert: 100.0 %" in out

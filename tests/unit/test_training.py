@@ -445,3 +445,147 @@ def test_every_shipped_recipe_parses():
                 else cfg.init_from.rstrip("/")
             assert (root / cfg.init_from).is_file() or (run in outputs and run != cfg.out_dir.rstrip("/")), \
                 f"{path.name}: init_from {cfg.init_from} is neither in the repository nor another recipe's output"
+
+
+def test_world_check_source_decomposes_report_checking():
+    import re
+
+    from llavakit.data.world.language import POSITION_PHRASES
+    from llavakit.training.config import DATA_KINDS, DataSource
+    from llavakit.training.data import _world_scene, build_groups
+
+    assert "world-check" in DATA_KINDS
+    src = DataSource(kind="world-check", n=60, questions_per_image=16, seed=0)
+    groups = build_groups(src)
+    assert [g.blocks for g in groups] == [g.blocks for g in build_groups(src)]  # deterministic
+    phrase_to_cell = {v: k for k, v in POSITION_PHRASES.items()}
+    stmt = re.compile(r"(?:there is an? (\w+) (\w+) (\w+) (.+?)\.|an? (\w+) (\w+) (\w+) is (.+?)\.|(.+?), there is an? (\w+) (\w+) (\w+)\.)")
+    kinds = {"statement": [0, 0], "report": [0, 0]}
+    counts = set()
+    for group in groups:
+        i = int(group.key.split(":")[-1])
+        scene = _world_scene(i, 15485863, words=False, n_objects=(1, 5))[1]
+        truth = {(o.size, o.colour, o.shape, scene.position(o)) for o in scene.objects}
+        for ((question, answer),) in group.blocks:
+            q = question.split("\n")[0].lower()
+            if q.startswith("is this statement about the image true?"):
+                m = stmt.search(question.lower().split("true? ", 1)[1])
+                g = m.groups()
+                size, colour, shape, where = (g[0:4] if g[0] else (g[4:8] if g[4] else (g[9], g[10], g[11], g[8])))
+                claim = (size, colour, shape, phrase_to_cell[where.strip()])
+                assert answer == ("yes" if claim in truth else "no"), (question, answer)
+                kinds["statement"][answer == "no"] += 1
+            elif q.startswith("what is "):
+                cell = phrase_to_cell[re.match(r"what is (.+?)\?", q).group(1)]
+                there = [o for o in scene.objects if scene.position(o) == cell]
+                assert answer == (f"a {there[0].size} {there[0].colour} {there[0].shape}" if there else "nothing")
+            elif q.startswith("how many"):
+                assert answer == str(len(scene.objects))
+                counts.add(answer)
+            else:
+                assert "report:" in question.lower() and answer in ("yes", "no")
+                report = question.split("Report: ", 1)[1].split("\n")[0]
+                n_statements = report.count(".")
+                wrong = answer == "yes"
+                if not wrong:
+                    assert n_statements == len(scene.objects)
+                kinds["report"][wrong] += 1
+    assert kinds["statement"][0] == kinds["statement"][1] > 0  # one false statement per true one
+    assert kinds["report"][0] == kinds["report"][1] > 0  # two correct and two wrong reports per scene
+    assert counts == {"1", "2", "3", "4", "5"}
+
+
+def test_world_count_source_splits_counts_into_rows_columns_and_sizes():
+    import re
+
+    from llavakit.data.world.scene import POSITIONS
+    from llavakit.training.config import DataSource
+    from llavakit.training.data import _world_scene, build_groups
+
+    src = DataSource(kind="world-count", n=50, questions_per_image=16, seed=0)
+    groups = build_groups(src)
+    assert [g.blocks for g in groups] == [g.blocks for g in build_groups(src)]  # deterministic
+    rows = {"top": 0, "middle": 1, "bottom": 2}
+    cols = {"left": 0, "middle": 1, "right": 2}
+    seen = set()
+    for group in groups:
+        scene = _world_scene(int(group.key.split(":")[-1]), 32452843, words=False, n_objects=(1, 5))[1]
+        cells = [POSITIONS.index(scene.position(o)) for o in scene.objects]
+        asked = [q for b in group.blocks for q, _ in b]
+        assert len(asked) == len(set(asked)) == 12
+        for ((question, answer),) in group.blocks:
+            q = question.lower()
+            if m := re.search(r"in the (\w+) row", q):
+                want = sum(c // 3 == rows[m.group(1)] for c in cells)
+                seen.add("row")
+            elif m := re.search(r"in the (\w+) column", q):
+                want = sum(c % 3 == cols[m.group(1)] for c in cells)
+                seen.add("column")
+            elif m := re.search(r"how many (small|large) shapes", q):
+                want = sum(o.size == m.group(1) for o in scene.objects)
+            elif m := re.search(r"how many (\w+) shapes are there", q):
+                want = sum(o.colour == m.group(1) for o in scene.objects)
+            elif q.startswith(("how many shapes are there", "how many objects", "how many shapes can")):
+                want = len(scene.objects)
+            else:
+                from llavakit.data.world.language import PLURALS
+
+                plural = re.search(r"how many (\w+) are there", q).group(1)
+                (shape,) = [k for k, v in PLURALS.items() if v == plural]
+                want = sum(o.shape == shape for o in scene.objects)
+            assert answer == str(want), (question, answer)
+    assert seen == {"row", "column"}
+
+
+def test_world_omit_source_teaches_the_remove_error():
+    import re
+
+    import pytest
+
+    from llavakit.data.world import omission_checks
+    from llavakit.data.world.language import POSITION_PHRASES
+    from llavakit.errors import InputError
+    from llavakit.training.config import DATA_KINDS, DataSource
+    from llavakit.training.data import _world_scene, build_groups
+
+    assert "world-omit" in DATA_KINDS
+    src = DataSource(kind="world-omit", n=60, questions_per_image=16, seed=0)
+    groups = build_groups(src)
+    assert [g.blocks for g in groups] == [g.blocks for g in build_groups(src)]  # deterministic
+    phrase_to_cell = {v: k for k, v in POSITION_PHRASES.items()}
+    simple = {"yes": 0, "no": 0}
+    for group in groups:
+        scene = _world_scene(int(group.key.split(":")[-1]), 49979687, words=False, n_objects=(2, 5))[1]
+        assert 2 <= len(scene.objects) <= 5
+        cells = {scene.position(o): o for o in scene.objects}
+        asked = [(q, a) for b in group.blocks for q, a in b]
+        assert len(asked) == 10
+        for question, answer in asked:
+            if "\nReport: " not in question:
+                assert question.lower().startswith("how many") and answer == str(len(scene.objects))
+                continue
+            head, report = question.split("\nReport: ", 1)
+            report = report.split("\n")[0]
+            # which cells the report names: each statement names exactly one cell phrase
+            named = {c for c, p in POSITION_PHRASES.items() if re.search(rf"(^|\. ){re.escape(p)}, |{re.escape(p)}\.", report, re.I)}
+            assert named <= set(cells)  # every statement is true: an incomplete report only leaves out
+            missing = set(cells) - named
+            assert len(missing) <= 1
+            if head.startswith("Which shape"):
+                if missing:
+                    o = cells[missing.pop()]
+                    assert answer == f"a {o.size} {o.colour} {o.shape} {POSITION_PHRASES[scene.position(o)]}"
+                else:
+                    assert answer == "none"
+            elif head.startswith("Does this report mention"):
+                where = re.match(r"Does this report mention the shape (.+)\?", head).group(1)
+                assert answer == ("yes" if phrase_to_cell[where] in named else "no")
+            elif head.startswith("How many shapes does"):
+                assert missing and answer == str(len(named)) == str(len(scene.objects) - 1)
+            else:
+                assert answer == ("yes" if missing else "no"), (question, answer)
+                simple[answer] += 1
+    assert simple["yes"] == simple["no"] == 2 * len(groups)  # two complete and two incomplete reports a scene
+    one = _world_scene(0, 49979687, words=False, n_objects=(1, 1))[1]
+    with pytest.raises(InputError, match="2 or more objects"):
+        omission_checks(one)

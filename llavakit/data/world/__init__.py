@@ -13,7 +13,8 @@ captions, multi-round instructions, error-checking reports, held-out evaluation 
 from .dataset import TRAIN_KINDS, TrainRecord, train_records, train_samples, write_dataset
 from .language import caption, instructions
 from .render import COLOUR_RGB, render
-from .report import REPORT_LABELS, report, report_answer, report_question, sample_report_case
+from .report import (REPORT_LABELS, omission_checks, report, report_answer, report_question, sample_report_case,
+                     statement_checks)
 from .scene import COLOURS, POSITIONS, SHAPES, SIZES, WORDS, Obj, Scene, sample_scene, scene_split
 from .tasks import CHOICES, EVAL_SEED_BASE, EVAL_TASKS, TRAIN_SEED_BASE, WorldItem, eval_item, eval_items
 from .video import DIRECTIONS, EVENTS, Clip, Track, clip_questions, sample_clip
@@ -22,7 +23,8 @@ __all__ = [
     "CHOICES", "COLOURS", "COLOUR_RGB", "DIRECTIONS", "EVAL_SEED_BASE", "EVAL_TASKS", "EVENTS", "POSITIONS",
     "REPORT_LABELS", "SHAPES", "SIZES", "TRAIN_KINDS", "TRAIN_SEED_BASE", "WORDS",
     "Clip", "Obj", "Scene", "Track", "TrainRecord", "WorldItem",
-    "caption", "clip_questions", "eval_item", "eval_items", "instructions", "render", "report", "report_answer",
-    "report_question", "sample_clip", "sample_report_case", "sample_scene", "scene_split", "train_records",
+    "caption", "clip_questions", "eval_item", "eval_items", "instructions", "omission_checks", "render", "report",
+    "report_answer", "report_question", "sample_clip", "sample_report_case", "sample_scene", "scene_split", "statement_checks",
+    "train_records",
     "train_samples", "write_dataset",
 ]  # fmt: skip

@@ -45,6 +45,10 @@ SIMPLE_TEMPLATES = (
     "Does the following report contain an error?",
 )
 COMPLEX_TEMPLATE = "Which kind of error does this report contain: none, insert, remove or substitute?"
+CHECK_TEMPLATE = "Is this statement about the image true? {statement}"
+MISSING_TEMPLATE = "Which shape in the image does this report leave out?"
+MENTIONS_TEMPLATE = "Does this report mention the shape {where}?"
+STATEMENTS_TEMPLATE = "How many shapes does this report describe?"
 
 # n (objects in the image) per label, see the module docstring.
 _N_WEIGHTS = {
@@ -92,6 +96,72 @@ def report(scene: Scene, rng: RngLike = None, corrupt: str | None = None) -> tup
     rows.sort(key=lambda r: r[0])
     text = " ".join(_statement(template, size, colour, shape, POSITIONS[cell]) for cell, size, colour, shape in rows)
     return text, corrupt or "none"
+
+
+def statement_checks(scene: Scene, rng: RngLike = None) -> list[tuple[str, str]]:
+    """Single-statement checks in a report's own wording, one template per scene: each object's true
+    statement ("yes") and one false statement per object ("no"), made like a report error: a substitute
+    (the object with a wrong colour or shape, 50/50) or an insert (a random object in an empty cell),
+    each half the time (substitute only when every cell is taken).
+
+    Ours: a curriculum for SIMPLE report checking, which needs every statement checked against the image
+    (docs/default-model-training.md, stage I).
+    """
+    rng = as_rng(rng)
+    template = pick(rng, STATEMENT_TEMPLATES)
+    cells = {POSITIONS.index(scene.position(o)) for o in scene.objects}
+    free = [c for c in range(len(POSITIONS)) if c not in cells]
+    out = []
+    for o in scene.objects:
+        where = scene.position(o)
+        out.append((CHECK_TEMPLATE.format(statement=_statement(template, o.size, o.colour, o.shape, where)), "yes"))
+        if free and rng.random() < 0.5:
+            false = _statement(template, pick(rng, SIZES), pick(rng, COLOURS), pick(rng, SHAPES), POSITIONS[pick(rng, free)])
+        elif rng.random() < 0.5:
+            false = _statement(template, o.size, pick(rng, [c for c in COLOURS if c != o.colour]), o.shape, where)
+        else:
+            false = _statement(template, o.size, o.colour, pick(rng, [s for s in SHAPES if s != o.shape]), where)
+        out.append((CHECK_TEMPLATE.format(statement=false), "no"))
+    return out
+
+
+def omission_checks(scene: Scene, rng: RngLike = None) -> list[tuple[str, str]]:
+    """Questions that teach finding a removed statement, for a scene of 2+ objects: two complete reports
+    and two with one object's statement dropped (two different objects), each asked SIMPLE ("no" / "yes");
+    "Which shape in the image does this report leave out?" for one complete report ("none") and one
+    incomplete one (the dropped object, "a large red circle in the top left"); "Does this report mention
+    the shape in the top left?" for the dropped object ("no") and for one kept object ("yes"); and "How
+    many shapes does this report describe?" (the incomplete report's statement count).
+
+    Ours: a curriculum for the remove error, which single-statement checks cannot teach (every statement
+    of an incomplete report is true): the report has to be compared with the image object by object.
+    """
+    rng = as_rng(rng)
+    if len(scene.objects) < 2:
+        raise InputError("omission checks need a scene of 2 or more objects")
+    template = pick(rng, STATEMENT_TEMPLATES)
+    objs = sorted(scene.objects, key=lambda o: POSITIONS.index(scene.position(o)))
+
+    def text(skip: int | None) -> str:
+        return " ".join(_statement(template, o.size, o.colour, o.shape, scene.position(o))
+                        for j, o in enumerate(objs) if j != skip)
+
+    def ask(head: str, body: str) -> str:
+        return f"{head}\nReport: {body}"
+
+    dropped = [int(j) for j in rng.permutation(len(objs))[:2]]
+    complete, partial = text(None), [text(j) for j in dropped]
+    qa = [(report_question(complete, "simple", rng), "no"), (report_question(complete, "simple", rng), "no")]
+    qa += [(report_question(t, "simple", rng), "yes") for t in partial]
+    o = objs[dropped[0]]
+    phrase = f"a {o.size} {o.colour} {o.shape} {POSITION_PHRASES[scene.position(o)]}"
+    qa += [(ask(MISSING_TEMPLATE, complete), "none"), (ask(MISSING_TEMPLATE, partial[0]), phrase)]
+    kept = pick(rng, [p for j, p in enumerate(objs) if j != dropped[0]])
+    for obj, answer in ((o, "no"), (kept, "yes")):
+        where = POSITION_PHRASES[scene.position(obj)]
+        qa.append((ask(MENTIONS_TEMPLATE.format(where=where), partial[0]), answer))
+    qa.append((ask(STATEMENTS_TEMPLATE, partial[1]), str(len(objs) - 1)))
+    return qa
 
 
 def report_question(text: str, level: str, rng: RngLike = None) -> str:
