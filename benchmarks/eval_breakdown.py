@@ -8,7 +8,8 @@ Prints, for the tasks present:
 - world-report-simple / -complex: accuracy per corruption (none / insert / remove / substitute) and per
   number of statements in the report;
 - easyvqa: accuracy on colour / shape / yes-no questions, with the shuffled-image score when the run
-  had `--shuffled-control`.
+  had `--shuffled-control`, and the question-conditional answer prior (`easyvqa_prior`), the blind
+  baseline that control is read against.
 These are the breakdown rows of docs/default-model-training.md's stage tables.
 
     python benchmarks/eval_breakdown.py docs/eval/default-position2-200-world360/predictions.jsonl
@@ -119,6 +120,38 @@ def easyvqa(rows: list[dict]) -> dict:
     return out
 
 
+def easyvqa_prior(rows: list[dict], train: list[tuple[str, str]] | None = None) -> tuple[int, float] | None:
+    """(n, acc %) of the question-conditional answer prior on the easy-vqa rows: each question answered with
+    the most common train-split answer of the same question text (None when no easy-vqa row has a prompt).
+
+    The baseline a blind model that knows the question could reach (easy-vqa's yes/no answers have strong
+    per-question base rates: "is there a teal shape?" is "no" for most images); the shuffled-image control
+    is read against it, not only against the overall majority answer. `train`: (question, answer) pairs,
+    by default easy-vqa's train split. Ours.
+    """
+    items = [r for r in rows if r["task"] == "easyvqa" and "prompt" in r]
+    if not items:
+        return None
+    if train is None:
+        import easy_vqa
+
+        qs, answers, _ = easy_vqa.get_train_questions()
+        train = list(zip(qs, answers))
+    by_question: dict[str, Counter] = defaultdict(Counter)
+    for q, a in train:
+        by_question[_question(q)][a] += 1
+    hits = 0
+    for r in items:
+        seen = by_question.get(_question(r["prompt"]))
+        hits += bool(seen) and seen.most_common(1)[0][0] == r["answer"]
+    return len(items), 100.0 * hits / len(items)
+
+
+def _question(text: str) -> str:
+    """An easy-vqa question without the answer instruction the prompt adds ("... shape? Answer with ...")."""
+    return text.split("?", 1)[0].strip().lower()
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(__doc__)
@@ -144,6 +177,8 @@ def main(argv: list[str]) -> int:
     if "easyvqa" in tasks:
         for kind, (n, acc, sh) in easyvqa(rows).items():
             print(f"easyvqa {kind} (n={n}): {acc:.1f} %" + ("" if sh is None else f" (shuffled image {sh:.1f} %)"))
+        if prior := easyvqa_prior(rows):
+            print(f"easyvqa answer prior per question (train split's most common answer; n={prior[0]}): {prior[1]:.1f} %")
     return 0
 
 

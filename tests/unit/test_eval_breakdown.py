@@ -69,3 +69,21 @@ def test_breakdown_of_count_by_object_size_and_report_by_corruption(capsys, tmp_
     assert mod.main([str(f)]) == 0
     out = capsys.readouterr().out
     assert "over-count 100.0 %" in out and "world-report-simple: insert: 100.0 %" in out
+
+
+def test_easyvqa_answer_prior_is_the_most_common_train_answer_per_question():
+    mod = _module()
+    train = [("is there a teal shape?", "no"), ("is there a teal shape?", "no"), ("is there a teal shape?", "yes"),
+             ("what shape is this?", "circle")]
+    rows = [
+        {"task": "easyvqa", "prompt": "is there a teal shape? Answer with one word.", "answer": "no", "score": 1.0},
+        {"task": "easyvqa", "prompt": "Is there a teal shape? Answer with one word.", "answer": "yes", "score": 1.0},
+        {"task": "easyvqa", "prompt": "what shape is this? Answer with one word.", "answer": "circle", "score": 0.0},
+        {"task": "easyvqa", "prompt": "an unseen question?", "answer": "red", "score": 1.0},  # no prior: a miss
+        {"task": "world-count", "prompt": "How many shapes are there?", "answer": "3", "score": 1.0},
+    ]
+    assert mod.easyvqa_prior(rows, train) == (4, 50.0)
+    assert mod.easyvqa_prior([r for r in rows if r["task"] != "easyvqa"], train) is None
+    # the default prior is the real train split: the common "is there a ... shape?" questions are mostly "no"
+    n, acc = mod.easyvqa_prior(rows[:1])
+    assert (n, acc) == (1, 100.0)
