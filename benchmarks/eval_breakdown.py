@@ -10,9 +10,12 @@ Prints, for the tasks present:
 - easyvqa: accuracy on colour / shape / yes-no questions, with the shuffled-image score when the run
   had `--shuffled-control`, and the question-conditional answer prior (`easyvqa_prior`), the blind
   baseline that control is read against.
-These are the breakdown rows of docs/default-model-training.md's stage tables.
+These are the breakdown rows of docs/default-model-training.md's stage tables. With `--against`, it
+prints instead how many items two runs of the same items answer alike (per task and in all).
 
     python benchmarks/eval_breakdown.py docs/eval/default-position2-200-world360/predictions.jsonl
+    python benchmarks/eval_breakdown.py docs/eval/default-shipped-check3-world360/predictions.jsonl \
+        --against docs/eval/default-check3-300-world360/predictions.jsonl
 """
 
 from __future__ import annotations
@@ -133,9 +136,9 @@ def easyvqa_prior(rows: list[dict], train: list[tuple[str, str]] | None = None) 
     if not items:
         return None
     if train is None:
-        import easy_vqa
+        from llavakit.data.easyvqa import _load
 
-        qs, answers, _ = easy_vqa.get_train_questions()
+        qs, answers, _, _ = _load("train")
         train = list(zip(qs, answers))
     by_question: dict[str, Counter] = defaultdict(Counter)
     for q, a in train:
@@ -152,7 +155,27 @@ def _question(text: str) -> str:
     return text.split("?", 1)[0].strip().lower()
 
 
+def agreement(rows: list[dict], other: list[dict]) -> dict[str, tuple[int, int]]:
+    """{task: (items in both runs, items answered with the same string)}, matched by (id, round): how much
+    two runs of the same items differ (the shipped fp16 file against the run's file, say)."""
+    theirs = {(r["task"], r["id"], r.get("round", 0)): r["prediction"] for r in other if "id" in r}
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in rows:
+        key = (r["task"], r.get("id"), r.get("round", 0))
+        if key in theirs:
+            out[r["task"]][0] += 1
+            out[r["task"]][1] += r["prediction"] == theirs[key]
+    return {task: (n, same) for task, (n, same) in sorted(out.items())}
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[1] == "--against":
+        pairs = agreement(_rows(argv[0]), _rows(argv[2]))
+        for task, (n, same) in pairs.items():
+            print(f"{task}: the same answer on {same} of {n} items")
+        n, same = sum(n for n, _ in pairs.values()), sum(s for _, s in pairs.values())
+        print(f"all: the same answer on {same} of {n} items")
+        return 0
     if len(argv) != 1:
         print(__doc__)
         return 2
@@ -178,7 +201,8 @@ def main(argv: list[str]) -> int:
         for kind, (n, acc, sh) in easyvqa(rows).items():
             print(f"easyvqa {kind} (n={n}): {acc:.1f} %" + ("" if sh is None else f" (shuffled image {sh:.1f} %)"))
         if prior := easyvqa_prior(rows):
-            print(f"easyvqa answer prior per question (train split's most common answer; n={prior[0]}): {prior[1]:.1f} %")
+            print(f"easyvqa answer prior per question (train split's most common answer; n={prior[0]}): "
+                  f"{prior[1]:.1f} %")
     return 0
 
 

@@ -243,7 +243,8 @@ def _world_check(src: DataSource) -> list[ImageGroup]:
         qa += [(f"What is {POSITION_PHRASES[free[j]]}?", "nothing")
                for j in rng.permutation(len(free))[:len(taken)]]
         qa.append(count_question(scene, rng, total_only=True))
-        allowed = [c for c in CORRUPTIONS if not (c == "remove" and len(taken) < 2) and not (c == "insert" and not free)]
+        allowed = [c for c in CORRUPTIONS
+                   if not (c == "remove" and len(taken) < 2) and not (c == "insert" and not free)]
         wrong = [allowed[j] for j in rng.permutation(len(allowed))[:2]]
         wrong += wrong[:2 - len(wrong)]  # a one-object scene allows one kind only: use it twice
         for label in ("none", "none", *wrong):
@@ -279,8 +280,10 @@ def _world_count(src: DataSource) -> list[ImageGroup]:
         n = str(len(scene.objects))
         cells = [POSITIONS.index(scene.position(o)) for o in scene.objects]
         qa = [(COUNT_TEMPLATES[j], n) for j in rng.permutation(len(COUNT_TEMPLATES))[:2]]
-        qa += [(f"How many {size} shapes are there?", str(sum(o.size == size for o in scene.objects))) for size in SIZES]
-        qa += [(f"How many shapes are in the {name}?", str(sum(c // 3 == r for c in cells))) for r, name in enumerate(_ROWS)]
+        qa += [(f"How many {size} shapes are there?", str(sum(o.size == size for o in scene.objects)))
+               for size in SIZES]
+        qa += [(f"How many shapes are in the {name}?", str(sum(c // 3 == r for c in cells)))
+               for r, name in enumerate(_ROWS)]
         qa += [(f"How many shapes are in the {name}?", str(sum(c % 3 == k for c in cells)))
                for k, name in enumerate(_COLUMNS)]
         while len(qa) < 12:  # two colour or shape counts (count_question's kinds 1 and 2)

@@ -61,7 +61,8 @@ def test_breakdown_of_count_by_object_size_and_report_by_corruption(capsys, tmp_
         reports.append({"task": item.task, "id": item.id, "answer": item.answer, "prediction": "yes",
                         "score": float(item.answer == "yes")})
     r = mod.report(reports)["world-report-simple"]
-    assert r["corruption"]["none"][1] == 0.0 and r["corruption"]["none"][0] == 6  # "yes" is wrong on every correct report
+    # "yes" is wrong on every correct report
+    assert r["corruption"]["none"][1] == 0.0 and r["corruption"]["none"][0] == 6
     assert all(acc == 100.0 for label, (_, acc) in r["corruption"].items() if label != "none")
     assert sum(n for n, _ in r["statements"].values()) == 12
     f = tmp_path / "predictions.jsonl"
@@ -87,3 +88,21 @@ def test_easyvqa_answer_prior_is_the_most_common_train_answer_per_question():
     # the default prior is the real train split: the common "is there a ... shape?" questions are mostly "no"
     n, acc = mod.easyvqa_prior(rows[:1])
     assert (n, acc) == (1, 100.0)
+
+
+def test_agreement_counts_same_answers_matched_by_id_and_round(tmp_path, capsys):
+    mod = _module()
+    a = [{"task": "world-count", "id": "c-0-0", "prediction": "3"},
+         {"task": "world-count", "id": "c-0-1", "prediction": "2"},
+         {"task": "mr", "id": "m-0-0", "round": 1, "prediction": "red"},
+         {"task": "mr", "id": "only-a", "prediction": "x"}]  # in one run only: not counted
+    b = [{"task": "world-count", "id": "c-0-1", "prediction": "2"},
+         {"task": "world-count", "id": "c-0-0", "prediction": "4"},
+         {"task": "mr", "id": "m-0-0", "round": 0, "prediction": "red"},  # another round: not matched
+         {"task": "mr", "id": "m-0-0", "round": 1, "prediction": "red"}]
+    assert mod.agreement(a, b) == {"mr": (1, 1), "world-count": (2, 1)}
+    fa, fb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    fa.write_text("".join(json.dumps(r) + "\n" for r in a))
+    fb.write_text("".join(json.dumps(r) + "\n" for r in b))
+    assert mod.main([str(fa), "--against", str(fb)]) == 0
+    assert "all: the same answer on 2 of 3 items" in capsys.readouterr().out

@@ -24,7 +24,6 @@ __all__ = [
     "REPORT_LABELS", "SHAPES", "SIZES", "TRAIN_KINDS", "TRAIN_SEED_BASE", "WORDS",
     "Clip", "Obj", "Scene", "Track", "TrainRecord", "WorldItem",
     "caption", "clip_questions", "eval_item", "eval_items", "instructions", "omission_checks", "render", "report",
-    "report_answer", "report_question", "sample_clip", "sample_report_case", "sample_scene", "scene_split", "statement_checks",
-    "train_records",
-    "train_samples", "write_dataset",
+    "report_answer", "report_question", "sample_clip", "sample_report_case", "sample_scene", "scene_split",
+    "statement_checks", "train_records", "train_samples", "write_dataset",
 ]  # fmt: skip

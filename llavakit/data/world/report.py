@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import InputError
-from .language import POSITION_PHRASES
+from .language import POSITION_PHRASES, describe
 from .scene import COLOURS, POSITIONS, SHAPES, SIZES, RngLike, Scene, as_rng, pick, sample_scene
 
 REPORT_LABELS = ("none", "insert", "remove", "substitute")
@@ -93,9 +93,17 @@ def report(scene: Scene, rng: RngLike = None, corrupt: str | None = None) -> tup
             shape = pick(rng, [s for s in SHAPES if s != shape])
         rows[i] = (cell, size, colour, shape)
     template = pick(rng, STATEMENT_TEMPLATES)
-    rows.sort(key=lambda r: r[0])
-    text = " ".join(_statement(template, size, colour, shape, POSITIONS[cell]) for cell, size, colour, shape in rows)
-    return text, corrupt or "none"
+    return _report_text(template, rows), corrupt or "none"
+
+
+def _report_text(template: str, rows: list[tuple[int, str, str, str]]) -> str:
+    """A report: one statement per (cell, size, colour, shape) row, in the grid's reading order."""
+    return " ".join(_statement(template, size, colour, shape, POSITIONS[cell])
+                    for cell, size, colour, shape in sorted(rows, key=lambda r: r[0]))
+
+
+def _with_report(head: str, text: str) -> str:
+    return f"{head}\nReport: {text}"
 
 
 def statement_checks(scene: Scene, rng: RngLike = None) -> list[tuple[str, str]]:
@@ -116,7 +124,8 @@ def statement_checks(scene: Scene, rng: RngLike = None) -> list[tuple[str, str]]
         where = scene.position(o)
         out.append((CHECK_TEMPLATE.format(statement=_statement(template, o.size, o.colour, o.shape, where)), "yes"))
         if free and rng.random() < 0.5:
-            false = _statement(template, pick(rng, SIZES), pick(rng, COLOURS), pick(rng, SHAPES), POSITIONS[pick(rng, free)])
+            false = _statement(template, pick(rng, SIZES), pick(rng, COLOURS), pick(rng, SHAPES),
+                               POSITIONS[pick(rng, free)])
         elif rng.random() < 0.5:
             false = _statement(template, o.size, pick(rng, [c for c in COLOURS if c != o.colour]), o.shape, where)
         else:
@@ -141,26 +150,23 @@ def omission_checks(scene: Scene, rng: RngLike = None) -> list[tuple[str, str]]:
         raise InputError("omission checks need a scene of 2 or more objects")
     template = pick(rng, STATEMENT_TEMPLATES)
     objs = sorted(scene.objects, key=lambda o: POSITIONS.index(scene.position(o)))
+    rows = [(POSITIONS.index(scene.position(o)), o.size, o.colour, o.shape) for o in objs]
 
     def text(skip: int | None) -> str:
-        return " ".join(_statement(template, o.size, o.colour, o.shape, scene.position(o))
-                        for j, o in enumerate(objs) if j != skip)
-
-    def ask(head: str, body: str) -> str:
-        return f"{head}\nReport: {body}"
+        return _report_text(template, [r for j, r in enumerate(rows) if j != skip])
 
     dropped = [int(j) for j in rng.permutation(len(objs))[:2]]
     complete, partial = text(None), [text(j) for j in dropped]
     qa = [(report_question(complete, "simple", rng), "no"), (report_question(complete, "simple", rng), "no")]
     qa += [(report_question(t, "simple", rng), "yes") for t in partial]
     o = objs[dropped[0]]
-    phrase = f"a {o.size} {o.colour} {o.shape} {POSITION_PHRASES[scene.position(o)]}"
-    qa += [(ask(MISSING_TEMPLATE, complete), "none"), (ask(MISSING_TEMPLATE, partial[0]), phrase)]
+    qa += [(_with_report(MISSING_TEMPLATE, complete), "none"),
+           (_with_report(MISSING_TEMPLATE, partial[0]), describe(scene, o, word=False))]
     kept = pick(rng, [p for j, p in enumerate(objs) if j != dropped[0]])
     for obj, answer in ((o, "no"), (kept, "yes")):
         where = POSITION_PHRASES[scene.position(obj)]
-        qa.append((ask(MENTIONS_TEMPLATE.format(where=where), partial[0]), answer))
-    qa.append((ask(STATEMENTS_TEMPLATE, partial[1]), str(len(objs) - 1)))
+        qa.append((_with_report(MENTIONS_TEMPLATE.format(where=where), partial[0]), answer))
+    qa.append((_with_report(STATEMENTS_TEMPLATE, partial[1]), str(len(objs) - 1)))
     return qa
 
 
@@ -173,7 +179,7 @@ def report_question(text: str, level: str, rng: RngLike = None) -> str:
         head = COMPLEX_TEMPLATE
     else:
         raise InputError(f"level must be 'simple' or 'complex', got {level!r}")
-    return f"{head}\nReport: {text}"
+    return _with_report(head, text)
 
 
 def report_answer(label: str, level: str) -> str:
