@@ -3,6 +3,9 @@
 Features are the tower output after feature-layer selection (what the projector consumes), stored
 in fp16 safetensors shards `features-XXXX.safetensors` with a JSON index mapping image key -> row.
 Shards are written atomically (temp + rename), so an interrupted caching run resumes where it left off.
+Writers take a lock file (`.lock`, through filelock): the ranks of a torchrun job, or two runs sharing
+LLAVAKIT_FEATURE_CACHE, cache one at a time, and whoever comes second finds the features in the index
+instead of racing on the same temp files and shard numbers.
 
 `tower.json` records a fingerprint of what produced the features (the vision config, feature-layer
 selection, input size, the image preprocessing and a hash of the tower's weights); a cache built by
@@ -55,15 +58,31 @@ class FeatureCache:
         self.table: Tensor | None = None  # (N, T, Dv) fp16
 
     def build(self, model, processor, groups: Sequence[ImageGroup], batch_size: int = 16) -> "FeatureCache":
-        from safetensors.torch import load_file, save_file
+        from filelock import FileLock
+        from safetensors.torch import load_file
 
         self.root.mkdir(parents=True, exist_ok=True)
-        index_file = self.root / "index.json"
-        index: dict[str, list] = json.loads(index_file.read_text()) if index_file.is_file() else {}
-        self._check_tower(tower_fingerprint(model, processor))
+        fp = tower_fingerprint(model, processor)
         loaders = {}
         for g in groups:
             loaders.setdefault(g.key, g.load)
+        with FileLock(str(self.root / ".lock")):
+            index = self._fill(model, processor, fp, loaders, batch_size)
+        shards = {s: load_file(str(self.root / f"features-{s:04d}.safetensors"))["features"]
+                  for s in sorted({v[0] for v in index.values()})}
+        wanted = list(loaders)
+        self.table = torch.stack([shards[index[k][0]][index[k][1]] for k in wanted])  # (N, T, Dv)
+        self.rows = {k: i for i, k in enumerate(wanted)}
+        return self
+
+    def _fill(self, model, processor, fp: str, loaders: dict, batch_size: int) -> dict[str, list]:
+        """Compute and write the features `loaders` names that the index lacks; the updated index.
+        Called under the cache's lock."""
+        from safetensors.torch import save_file
+
+        index_file = self.root / "index.json"
+        index: dict[str, list] = json.loads(index_file.read_text()) if index_file.is_file() else {}
+        self._check_tower(fp)
         todo = [k for k in loaders if k not in index]
         shard_id = len({v[0] for v in index.values()})
         with torch.inference_mode():
@@ -84,12 +103,7 @@ class FeatureCache:
                 tmp_index.write_text(json.dumps(index))
                 os.replace(tmp_index, index_file)
                 shard_id += 1
-        shards = {s: load_file(str(self.root / f"features-{s:04d}.safetensors"))["features"]
-                  for s in sorted({v[0] for v in index.values()})}
-        wanted = list(loaders)
-        self.table = torch.stack([shards[index[k][0]][index[k][1]] for k in wanted])  # (N, T, Dv)
-        self.rows = {k: i for i, k in enumerate(wanted)}
-        return self
+        return index
 
     def _check_tower(self, fp: str) -> None:
         """Refuse a cache another tower/preprocessing wrote; stamp a new (or pre-fingerprint) one."""

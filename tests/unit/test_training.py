@@ -131,6 +131,57 @@ def test_load_refuses_missing_trained_weights_before_reading_the_model(tiny, tmp
         llavakit.load(str(tiny), trained=tmp_path)  # an out_dir without trained.safetensors
 
 
+def _cache_in_race(tiny: str, root: str, keys: list[str], barrier, out) -> None:
+    """One of two processes that build the same feature cache at the same moment."""
+    from PIL import Image
+
+    from llavakit.training.data import ImageGroup
+    from llavakit.training.features import FeatureCache
+
+    vlm = llavakit.load(tiny)
+    groups = [ImageGroup(k, lambda k=k: Image.new("RGB", (40, 30), (10 * len(k), 30, 200)), ()) for k in keys]
+    barrier.wait()
+    try:
+        cache = FeatureCache(Path(root)).build(vlm.model, vlm.processor, groups)
+        out.put((keys[0], cache.get(keys).float().numpy()))  # numpy: a tensor would need this process alive
+    except Exception as e:  # reported to the test, which fails on it
+        out.put((keys[0], repr(e)))
+
+
+def test_feature_cache_two_writers_at_once(tiny, tmp_path):
+    """Two processes (the ranks of a torchrun job, or two runs sharing LLAVAKIT_FEATURE_CACHE) build one
+    cache at the same moment with overlapping keys: both succeed, each key is cached once, and each
+    process reads the features a lone build gives. Without the cache's lock this failed about one time in
+    two here (both renamed the same temp shard: FileNotFoundError), which is how CI's torchrun test fell."""
+    import multiprocessing as mp
+
+    from PIL import Image
+
+    from llavakit.training.data import ImageGroup
+    from llavakit.training.features import FeatureCache
+
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    keys = {"a": ["a", "bb", "ccc"], "bb": ["bb", "ccc", "dddd"]}
+    procs = [ctx.Process(target=_cache_in_race, args=(str(tiny), str(tmp_path / "f"), k, barrier, out))
+             for k in keys.values()]
+    for p in procs:
+        p.start()
+    got = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert all(not isinstance(v, str) for v in got.values()), got
+    index = json.loads((tmp_path / "f" / "index.json").read_text())
+    assert sorted(index) == ["a", "bb", "ccc", "dddd"]
+    assert not list((tmp_path / "f").glob("*.tmp"))
+    vlm = llavakit.load(str(tiny))
+    for first, ks in keys.items():
+        groups = [ImageGroup(k, lambda k=k: Image.new("RGB", (40, 30), (10 * len(k), 30, 200)), ()) for k in ks]
+        alone = FeatureCache(tmp_path / ("alone-" + first)).build(vlm.model, vlm.processor, groups)
+        # the same features up to fp16 rounding (a batch of other images can change the last bit)
+        torch.testing.assert_close(torch.from_numpy(got[first]), alone.get(ks).float(), atol=4e-3, rtol=4e-3)
+
+
 def test_feature_cache_refuses_another_tower(tiny, tmp_path):
     """The cache is stamped with the tower's fingerprint: the same tower reuses it (nothing recomputed);
     a tower with other weights is refused before any feature is read, and the cache is left intact."""
@@ -422,9 +473,14 @@ def test_torchrun_two_processes(tiny, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "llavakit.cli", "train", str(recipe)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
-    assert res.returncode == 0, res.stderr[-2000:]
+    # a failing rank's own traceback comes before torchrun's summary: show it, not just the summary
+    first = res.stderr.find("Traceback")
+    assert res.returncode == 0, res.stderr[first:first + 3000] + "\n...\n" + res.stderr[-1000:]
     logs = [json.loads(x) for x in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2]
+    # the ranks cached one at a time: one shard, no temp file left behind
+    cache = tmp_path / "run" / "features"
+    assert sorted(p.name for p in cache.glob("[!.]*")) == ["features-0000.safetensors", "index.json", "tower.json"]
 
 
 def test_every_shipped_recipe_parses():
