@@ -131,15 +131,21 @@ def test_load_refuses_missing_trained_weights_before_reading_the_model(tiny, tmp
         llavakit.load(str(tiny), trained=tmp_path)  # an out_dir without trained.safetensors
 
 
-def _cache_in_race(tiny: str, root: str, keys: list[str], barrier, out) -> None:
-    """One of two processes that build the same feature cache at the same moment."""
+def _race_groups(keys: list[str]) -> list:
+    """One small image per key (its red channel set by the key), as ImageGroups."""
     from PIL import Image
 
     from llavakit.training.data import ImageGroup
+
+    return [ImageGroup(k, lambda k=k: Image.new("RGB", (40, 30), (10 * len(k), 30, 200)), ()) for k in keys]
+
+
+def _cache_in_race(tiny: str, root: str, keys: list[str], barrier, out) -> None:
+    """One of two processes that build the same feature cache at the same moment."""
     from llavakit.training.features import FeatureCache
 
     vlm = llavakit.load(tiny)
-    groups = [ImageGroup(k, lambda k=k: Image.new("RGB", (40, 30), (10 * len(k), 30, 200)), ()) for k in keys]
+    groups = _race_groups(keys)
     barrier.wait()
     try:
         cache = FeatureCache(Path(root)).build(vlm.model, vlm.processor, groups)
@@ -151,13 +157,11 @@ def _cache_in_race(tiny: str, root: str, keys: list[str], barrier, out) -> None:
 def test_feature_cache_two_writers_at_once(tiny, tmp_path):
     """Two processes (the ranks of a torchrun job, or two runs sharing LLAVAKIT_FEATURE_CACHE) build one
     cache at the same moment with overlapping keys: both succeed, each key is cached once, and each
-    process reads the features a lone build gives. Without the cache's lock this failed about one time in
-    two here (both renamed the same temp shard: FileNotFoundError), which is how CI's torchrun test fell."""
+    process reads the features a lone build gives. Without the cache's lock this test failed 4 of 4 runs
+    here (one process's index entries overwrote the other's), and two builds of the same keys raised
+    FileNotFoundError 2 times in 5 (both renamed the same temp shard): how CI's torchrun test fell."""
     import multiprocessing as mp
 
-    from PIL import Image
-
-    from llavakit.training.data import ImageGroup
     from llavakit.training.features import FeatureCache
 
     ctx = mp.get_context("spawn")
@@ -176,8 +180,7 @@ def test_feature_cache_two_writers_at_once(tiny, tmp_path):
     assert not list((tmp_path / "f").glob("*.tmp"))
     vlm = llavakit.load(str(tiny))
     for first, ks in keys.items():
-        groups = [ImageGroup(k, lambda k=k: Image.new("RGB", (40, 30), (10 * len(k), 30, 200)), ()) for k in ks]
-        alone = FeatureCache(tmp_path / ("alone-" + first)).build(vlm.model, vlm.processor, groups)
+        alone = FeatureCache(tmp_path / ("alone-" + first)).build(vlm.model, vlm.processor, _race_groups(ks))
         # the same features up to fp16 rounding (a batch of other images can change the last bit)
         torch.testing.assert_close(torch.from_numpy(got[first]), alone.get(ks).float(), atol=4e-3, rtol=4e-3)
 
