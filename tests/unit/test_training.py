@@ -477,7 +477,7 @@ def test_torchrun_two_processes(tiny, tmp_path):
            "-m", "llavakit.cli", "train", str(recipe)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
     # a failing rank's own traceback comes before torchrun's summary: show it, not just the summary
-    first = res.stderr.find("Traceback")
+    first = max(res.stderr.find("Traceback"), 0)
     assert res.returncode == 0, res.stderr[first:first + 3000] + "\n...\n" + res.stderr[-1000:]
     logs = [json.loads(x) for x in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2]
