@@ -88,6 +88,7 @@ class TrainConfig:
     visual_token_drop: float = 0.0  # chance per sequence of hiding visual tokens (training/token_drop.py)
     visual_token_keep: tuple[float, float] = (0.05, 0.5)  # share of visual tokens left visible, drawn uniformly
     visual_token_select: str = "random"  # which stay visible: random | cls (top [CLS] attention, as FasterVLM)
+    yopo: str | None = None  # train with YOPO's pruning on, e.g. "yopo:window=5:ffn_ratio=2:layercut=15" (training/yopo_train.py)
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -127,6 +128,12 @@ class TrainConfig:
         if (len(keep) != 2 or not all(isinstance(x, (int, float)) for x in keep)
                 or not 0.0 < keep[0] <= keep[1] <= 1.0):
             raise InputError(f"visual_token_keep must be [low, high] with 0 < low <= high <= 1, got {list(keep)}")
+        if self.yopo is not None:
+            from .yopo_train import parse_yopo
+
+            parse_yopo(self.yopo)  # a bad spec fails with the recipe, before any model is built
+            if self.stage != "instruct":
+                raise InputError("yopo trains the LM under YOPO's pruning: use stage instruct (LoRA or language_model)")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "TrainConfig":

@@ -39,6 +39,7 @@ from .features import FeatureCache
 from .lora import apply_lora, grow_lora_state, load_lora_state, lora_state
 from .packing import block_mask, collate_packed, pack
 from .token_drop import cls_scores, drop_visual_tokens, step_generator
+from .yopo_train import YopoTraining, parse_yopo
 
 TRAINED = "trained.safetensors"
 MAX_BAD_STEPS = 10  # this many non-finite steps in a row stop a run (fewer are skipped)
@@ -134,6 +135,7 @@ class Trainer:
             self._load_trained(src if src.suffix == ".safetensors" else src / TRAINED)
         if cfg.vision_feature_layer:
             model.set_feature_layers(cfg.vision_feature_layer)
+        self.yopo = self._yopo(cfg.yopo) if cfg.yopo else None
         self.fp = checkpoint.fingerprint(model.config.to_dict(), cfg.to_dict())
         self.resume_state = None if resume is None else self._check_out_dir(resume)
         self.ds = TurnLabeler(self.vlm.processor)
@@ -178,6 +180,24 @@ class Trainer:
         self.opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
         self.step = 0
+
+    def _yopo(self, spec: str) -> YopoTraining:
+        """The masked YOPO forward for this model; the heads file (if any) is read and checked here."""
+        from ..compression import Compression
+
+        model = self.model
+        if model.visual_inject is not None:
+            raise InputError("yopo cannot train together with visual re-injection (inference refuses the pair)")
+        hook = parse_yopo(spec)
+        lm = model.language_model
+        hook.active_heads(lm.num_layers, lm.layers[0].self_attn.num_heads)
+        if hook.layercut is not None and hook.layercut > lm.num_layers:
+            raise InputError(f"yopo: layercut={hook.layercut} is past the LM's {lm.num_layers} layers")
+        side = hook.grid or Compression.parse(spec).image_side(model)
+        if side is None:
+            raise InputError("yopo training needs each image's tokens as one square patch grid (fixed resolution); "
+                             "give grid=<side>")
+        return YopoTraining(hook, side)
 
     def _check_out_dir(self, resume: bool) -> dict[str, Any] | None:
         """The checkpoint to resume from (None: start fresh); refuses a checkpoint of another model or
@@ -280,8 +300,11 @@ class Trainer:
                                       scores)
         # bf16: autocast of the LM matmuls (5x the fp32 matmul rate on AVX512-BF16 CPUs); the loss is fp32
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-            hidden = lm(emb, attention_mask=mask, position_ids=batch["position_ids"],
-                        inject=model.injection(ids, emb))
+            if self.yopo is not None:  # YOPO's pruning in masked form (training/yopo_train.py)
+                hidden = self.yopo.forward(lm, emb, mask, batch["position_ids"], img_mask)
+            else:
+                hidden = lm(emb, attention_mask=mask, position_ids=batch["position_ids"],
+                            inject=model.injection(ids, emb))
             tgt = batch["labels"][:, 1:]
             sel = tgt != IGNORE_INDEX
             logits = lm.logits(hidden[:, :-1][sel])  # (n_targets, V): only where there is a label

@@ -1,0 +1,151 @@
+"""YOPO fine-tuning: the LM forward of training with YOPO's pruning on, in masked form.
+
+Zhang et al. 2024, "Treat Visual Tokens as Text? But Your MLLM Only Needs Fewer Efforts to See"
+(arXiv 2410.06169). The paper keeps accuracy by fine-tuning LLaVA with the pruning applied (its
+released checkpoints); training-free, the same pruning costs our default model 11-24 points
+(docs/compression/README.md). This module lets a recipe train with a YOPO spec on
+(`yopo: "yopo:window=5:ffn_ratio=2:layercut=15"` in the recipe), so the model learns the network it
+will run as at inference, where `llavakit/llm_hooks/yopo.py` skips the pruned work.
+
+Training runs the same function as inference, written with masks and zeros so that it is
+differentiable, works through peft's LoRA layers and with the packed block masks of `packing.py`:
+- (a) window: the V x V block of each layer's mask becomes the w x w neighbourhood on the patch grid
+  (bidirectional unless `bidirectional=false`); text <-> vision entries are left as they are.
+- (b) inactive heads: a per-head mask hides the visual keys from the inactive query heads (before the
+  softmax: our inference's renormalised form, not the reference's zeroing after it) and their outputs
+  on visual rows are zeroed before o_proj.
+- (c) ffn_ratio r: on visual rows, the intermediate channels from I/r on are zeroed (gate and up), as
+  slicing the weights does.
+- (d) layercut L: from layer L on the visual rows are removed (gathered out, as the runner's pruning
+  does; this also saves their compute in training), so text sees no visual key there.
+(a)-(c) act in layers `start` .. L-1 (`YOPO.applies`). The parity test (tests/unit/test_yopo_train.py)
+checks this forward against the inference hook's hidden states.
+
+Ours: masked training instead of the reference's masked fine-tuning code (same function); which
+layers and which parameters train (the recipe's LoRA); the requirement that every row's visual
+tokens form whole side x side grids in raster order (one image per packed sequence in our training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+from ..layers.attention import sdpa
+from ..llm_hooks.yopo import YOPO
+
+
+def parse_yopo(spec: str) -> YOPO:
+    """A one-method compression spec naming yopo -> its hook (a clear error for anything else)."""
+    from ..compression import Compression
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise InputError(f"yopo must be a compression spec such as 'yopo:window=5:ffn_ratio=2', got {spec!r}")
+    comp = Compression.parse(spec)
+    plugins = () if comp is None else comp.plugins
+    if len(plugins) != 1 or not isinstance(plugins[0], YOPO):
+        raise InputError(f"yopo: training takes exactly one yopo method (e.g. 'yopo:window=5:ffn_ratio=2'), "
+                         f"got {spec!r}")
+    return plugins[0]
+
+
+def grid_coords(visual: Tensor, side: int) -> tuple[Tensor, Tensor, Tensor]:
+    """visual (B, T) bool -> image number, row, col (B, T) long of every visual position (-1 elsewhere).
+
+    Each row's visual tokens are cut into side x side images in order (as the inference hook cuts
+    back-to-back images); a row whose count is not a multiple of side * side is refused."""
+    counts = visual.sum(1)
+    if bool((counts % (side * side)).any()):
+        raise InputError(f"yopo training needs whole {side}x{side} image grids per sequence; got "
+                         f"{counts.tolist()} visual tokens")
+    n = visual.long().cumsum(1) - 1  # (B, T): index of each visual token in its row
+    img = torch.where(visual, n // (side * side), -1)
+    cell = n % (side * side)
+    return img, torch.where(visual, cell // side, -1), torch.where(visual, cell % side, -1)
+
+
+@dataclass(frozen=True)
+class YopoTraining:
+    """The masked YOPO forward of one model: `hook` holds the spec, `side` the patch-grid side."""
+
+    hook: YOPO
+    side: int
+
+    def window_mask(self, visual: Tensor, base: Tensor) -> Tensor:
+        """(B, 1, T, T): `base` with its V x V block replaced by the w x w window."""
+        if not self.hook.window:
+            return base
+        img, r, c = grid_coords(visual, self.hook.grid or self.side)
+        half = (self.hook.window - 1) // 2
+        near = ((img[:, :, None] == img[:, None, :])
+                & ((r[:, :, None] - r[:, None, :]).abs() <= half)
+                & ((c[:, :, None] - c[:, None, :]).abs() <= half))  # (B, T, T)
+        if not self.hook.bidirectional:
+            near = near & base[:, 0]
+        vv = visual[:, :, None] & visual[:, None, :]  # (B, T, T)
+        return torch.where(vv[:, None], near[:, None], base)
+
+    def forward(self, lm, emb: Tensor, mask: Tensor, position_ids: Tensor, visual: Tensor) -> Tensor:
+        """emb (B, T, D), mask bool (B, 1, T, T), position_ids (B, T), visual (B, T) bool -> hidden after
+        the final norm (B, T, D); visual rows removed at layercut come back as zeros (no label sits there)."""
+        layers = lm.layers
+        heads = self.hook.active_heads(len(layers), layers[0].self_attn.num_heads)  # (L, H) or None
+        b, t, _ = emb.shape
+        cos, sin = lm.rotary(position_ids, emb.dtype)  # (B, T, Dh)
+        cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+        windowed = self.window_mask(visual, mask)
+        eye = torch.eye(t, dtype=torch.bool, device=emb.device)
+        h, vis, keep = emb, visual, None
+        for i, block in enumerate(layers):
+            if self.hook.layercut is not None and i == self.hook.layercut:
+                h, cos, sin, mask, keep = _drop_visual(h, cos, sin, mask, vis)
+                vis = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device)
+            if keep is not None or not self.hook.applies(i):
+                h = block(h, cos, sin, mask, False, None, i)
+                continue
+            off = None if heads is None else ~heads[i].to(h.device)  # (H,) inactive query heads
+            h = _layer(block, h, cos, sin, windowed, vis, eye, off, self.hook.ffn_ratio)
+        h = lm.model.norm(h)
+        if keep is None:
+            return h
+        out = h.new_zeros(b, t, h.shape[-1])
+        out[torch.arange(b, device=h.device)[:, None], keep] = h
+        return out
+
+
+def _drop_visual(h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, vis: Tensor):
+    """Keep each row's text positions only (every row holds the same number of visual tokens)."""
+    counts = vis.sum(1)
+    if bool((counts != counts[0]).any()):
+        raise InputError(f"yopo layercut in training needs the same visual count per sequence, got {counts.tolist()}")
+    keep = torch.sort(vis.to(torch.int8), dim=1, stable=True).indices[:, :h.shape[1] - int(counts[0])]  # (B, K)
+    bi = torch.arange(h.shape[0], device=h.device)[:, None]
+    m = mask[:, 0][bi[:, :, None], keep[:, :, None], keep[:, None, :]][:, None]  # (B, 1, K, K)
+    return h[bi, keep], cos[bi, keep], sin[bi, keep], m, keep
+
+
+def _layer(block, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, vis: Tensor, eye: Tensor,
+           off: Tensor | None, ratio: int) -> Tensor:
+    """One decoder layer with (a)-(c) as masks: mask (B, 1, T, T) already windowed; off (H,) bool."""
+    attn, mlp = block.self_attn, block.mlp
+    b, t, _ = h.shape
+    q, k, v = attn.qkv(block.input_layernorm(h), cos, sin)  # (B, H, T, Dh), (B, Hkv, T, Dh) x2
+    if off is not None and bool(off.any()):
+        hide = vis[:, None, :] & ~eye  # (B, T, T): visual keys, except each row's own (no empty row)
+        mask = mask & ~(off[None, :, None, None] & hide[:, None])  # (B, H, T, T)
+    out = sdpa(q, k, v, mask)  # (B, H, T, Dh)
+    if off is not None and bool(off.any()):
+        out = out * ~(off[None, :, None, None] & vis[:, None, :, None])  # inactive heads: 0 on V rows
+    x = h + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+    y = block.post_attention_layernorm(x)
+    g, u = mlp.gate_proj(y), mlp.up_proj(y)  # (B, T, I)
+    if ratio > 1:
+        i = g.shape[-1] // ratio
+        if i < 1:
+            raise InputError(f"yopo: ffn_ratio={ratio} leaves no intermediate channel of {g.shape[-1]}")
+        cut = vis[..., None] & (torch.arange(g.shape[-1], device=g.device) >= i)  # (B, T, I)
+        g, u = g.masked_fill(cut, 0.0), u.masked_fill(cut, 0.0)
+    return x + mlp.down_proj(mlp.act(g) * u)
