@@ -134,6 +134,9 @@ class TrainConfig:
             parse_yopo(self.yopo)  # a bad spec fails with the recipe, before any model is built
             if self.stage != "instruct":
                 raise InputError("yopo trains the LM under YOPO's pruning: use stage instruct (LoRA or language_model)")
+            if self.visual_token_drop > 0:
+                raise InputError("yopo and visual_token_drop cannot train together (YOPO's window replaces the "
+                                 "visual-to-visual mask that token drop writes); use one of them")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "TrainConfig":

@@ -25,6 +25,7 @@ from llavakit.training.packing import block_mask, collate_packed, encode_rounds,
 from llavakit.training.trainer import Trainer, train
 from llavakit.training.yopo_train import YopoTraining, grid_coords, parse_yopo
 from tests.tiny_models import IMAGE_TOKEN, build, noise_images
+from tests.unit.test_training import _recipe as training_recipe
 
 PROMPTS = ["what is in the image ?", "describe the colour and the shape of the image ?", "red"]
 HEADS = [[True, True, False, False], [False, True, False, True]]  # (layer, query head) active
@@ -125,15 +126,9 @@ def test_grid_coords_and_refusals():
 
 
 def _recipe(tmp_path: Path, tiny: Path, **kw) -> Path:
-    cfg = {"model": str(tiny), "stage": "instruct", "out_dir": str(tmp_path / "run"),
-           "data": [{"kind": "world-instruction", "n": 4}, {"kind": "world-report", "n": 6, "weight": 0.5}],
-           "steps": 4, "batch_size": 2, "lr": {"multi_modal_projector": 0.002, "lora": 0.001},
-           "lora": {"r": 4, "alpha": 8}, "warmup_steps": 1, "checkpoint_every": 2, "log_every": 1}
-    cfg.update(kw)
+    """test_training's recipe (tiny model, LoRA, two sources) in a fresh directory, 4 steps."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    p = tmp_path / "recipe.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    return p
+    return training_recipe(tmp_path, tiny, **{"steps": 4, **kw})
 
 
 def _trainer(tmp_path: Path, tiny: Path, **kw) -> Trainer:
@@ -165,7 +160,8 @@ def test_recipe_trains_under_yopo(tiny, tmp_path, heads_file, one_torch_thread):
 
 @pytest.mark.parametrize("kw,needle", [({"yopo": "fastv:layer=1:keep=0.5"}, "exactly one yopo"),
                                        ({"yopo": "yopo:window=2"}, "window must be odd"),
-                                       ({"yopo": "yopo:window=3", "stage": "align"}, "stage instruct")])
+                                       ({"yopo": "yopo:window=3", "stage": "align"}, "stage instruct"),
+                                       ({"yopo": "yopo:window=3", "visual_token_drop": 0.5}, "cannot train together")])
 def test_bad_yopo_recipes_are_refused(kw, needle):
     raw = {"data": [{"kind": "world-qa", "n": 2}], "stage": "instruct", **kw}
     with pytest.raises(InputError, match=needle):
