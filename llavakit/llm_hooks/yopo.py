@@ -74,7 +74,8 @@ the fraction skipped: the eval's "visual compute in the LM".
 
 No fine-tuning here: the reference fine-tunes LLaVA after pruning (its released checkpoints), so the
 training-free masks change the outputs of a model that never saw them (docs/yopo_speed.json gives the
-logit change and whether the next token is kept).
+logit change and whether the next token is kept). To fine-tune with the pruning on, a recipe sets
+`yopo: SPEC` (llavakit/training/yopo_train.py, the masked form of this hook).
 """
 
 from __future__ import annotations

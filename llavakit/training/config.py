@@ -88,7 +88,7 @@ class TrainConfig:
     visual_token_drop: float = 0.0  # chance per sequence of hiding visual tokens (training/token_drop.py)
     visual_token_keep: tuple[float, float] = (0.05, 0.5)  # share of visual tokens left visible, drawn uniformly
     visual_token_select: str = "random"  # which stay visible: random | cls (top [CLS] attention, as FasterVLM)
-    yopo: str | None = None  # train with YOPO's pruning on, e.g. "yopo:window=5:ffn_ratio=2:layercut=15" (training/yopo_train.py)
+    yopo: str | None = None  # train with YOPO's pruning on, e.g. "yopo:window=5:ffn_ratio=3:layercut=24" (training/yopo_train.py)
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
