@@ -193,6 +193,9 @@ class Trainer:
         hook.active_heads(lm.num_layers, lm.layers[0].self_attn.num_heads)
         if hook.layercut is not None and hook.layercut > lm.num_layers:
             raise InputError(f"yopo: layercut={hook.layercut} is past the LM's {lm.num_layers} layers")
+        inter = lm.config.intermediate_size
+        if inter // hook.ffn_ratio < 1:
+            raise InputError(f"yopo: ffn_ratio={hook.ffn_ratio} leaves no intermediate channel of {inter}")
         side = hook.grid or Compression.parse(spec).image_side(model)
         if side is None:
             raise InputError("yopo training needs each image's tokens as one square patch grid (fixed resolution); "

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..layers.attention import sdpa
-from ..llm_hooks.yopo import YOPO
+from ..llm_hooks.yopo import YOPO, _block, _grids, _pack, _rows
 
 
 def parse_yopo(spec: str) -> YOPO:
@@ -56,18 +56,12 @@ def parse_yopo(spec: str) -> YOPO:
 
 
 def grid_coords(visual: Tensor, side: int) -> tuple[Tensor, Tensor, Tensor]:
-    """visual (B, T) bool -> image number, row, col (B, T) long of every visual position (-1 elsewhere).
-
-    Each row's visual tokens are cut into side x side images in order (as the inference hook cuts
-    back-to-back images); a row whose count is not a multiple of side * side is refused."""
-    counts = visual.sum(1)
-    if bool((counts % (side * side)).any()):
-        raise InputError(f"yopo training needs whole {side}x{side} image grids per sequence; got "
-                         f"{counts.tolist()} visual tokens")
-    n = visual.long().cumsum(1) - 1  # (B, T): index of each visual token in its row
-    img = torch.where(visual, n // (side * side), -1)
-    cell = n % (side * side)
-    return img, torch.where(visual, cell // side, -1), torch.where(visual, cell % side, -1)
+    """visual (B, T) bool -> image number, row, col (B, T) long of every visual position (-1 elsewhere),
+    as the inference hook places them (`yopo._grids`: each run of visual tokens cut into side x side
+    images in raster order; a run that is not whole grids is refused)."""
+    g = _grids(visual, side)
+    text = g.img < 0
+    return g.img, g.row.masked_fill(text, -1), g.col.masked_fill(text, -1)
 
 
 @dataclass(frozen=True)
@@ -100,7 +94,6 @@ class YopoTraining:
         cos, sin = lm.rotary(position_ids, emb.dtype)  # (B, T, Dh)
         cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
         windowed = self.window_mask(visual, mask)
-        eye = torch.eye(t, dtype=torch.bool, device=emb.device)
         h, vis, keep = emb, visual, None
         for i, block in enumerate(layers):
             if self.hook.layercut is not None and i == self.hook.layercut:
@@ -109,8 +102,8 @@ class YopoTraining:
             if keep is not None or not self.hook.applies(i):
                 h = block(h, cos, sin, mask, False, None, i)
                 continue
-            off = None if heads is None else ~heads[i].to(h.device)  # (H,) inactive query heads
-            h = _layer(block, h, cos, sin, windowed, vis, eye, off, self.hook.ffn_ratio)
+            off = None if heads is None or bool(heads[i].all()) else ~heads[i].to(h.device)  # (H,) inactive
+            h = _layer(block, h, cos, sin, windowed, vis, off, self.hook.ffn_ratio)
         h = lm.model.norm(h)
         if keep is None:
             return h
@@ -121,34 +114,32 @@ class YopoTraining:
 
 def _drop_visual(h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, vis: Tensor):
     """Keep each row's text positions only (every row holds the same number of visual tokens)."""
-    counts = vis.sum(1)
-    if bool((counts != counts[0]).any()):
-        raise InputError(f"yopo layercut in training needs the same visual count per sequence, got {counts.tolist()}")
-    keep = torch.sort(vis.to(torch.int8), dim=1, stable=True).indices[:, :h.shape[1] - int(counts[0])]  # (B, K)
-    bi = torch.arange(h.shape[0], device=h.device)[:, None]
-    m = mask[:, 0][bi[:, :, None], keep[:, :, None], keep[:, None, :]][:, None]  # (B, 1, K, K)
-    return h[bi, keep], cos[bi, keep], sin[bi, keep], m, keep
+    keep, ok = _pack(~vis)  # (B, K) text positions in order
+    if not bool(ok.all()):
+        raise InputError(f"yopo layercut in training needs the same visual count per sequence, got "
+                         f"{vis.sum(1).tolist()}")
+    return _rows(h, keep), _rows(cos, keep), _rows(sin, keep), _block(mask, keep, keep), keep
 
 
-def _layer(block, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, vis: Tensor, eye: Tensor,
-           off: Tensor | None, ratio: int) -> Tensor:
-    """One decoder layer with (a)-(c) as masks: mask (B, 1, T, T) already windowed; off (H,) bool."""
+def _layer(block, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, vis: Tensor, off: Tensor | None,
+           ratio: int) -> Tensor:
+    """One decoder layer with (a)-(c) as masks: mask (B, 1, T, T) already windowed; off (H,) bool inactive
+    query heads, or None when every head is active."""
     attn, mlp = block.self_attn, block.mlp
     b, t, _ = h.shape
     q, k, v = attn.qkv(block.input_layernorm(h), cos, sin)  # (B, H, T, Dh), (B, Hkv, T, Dh) x2
-    if off is not None and bool(off.any()):
+    if off is not None:
+        eye = torch.eye(t, dtype=torch.bool, device=h.device)
         hide = vis[:, None, :] & ~eye  # (B, T, T): visual keys, except each row's own (no empty row)
         mask = mask & ~(off[None, :, None, None] & hide[:, None])  # (B, H, T, T)
     out = sdpa(q, k, v, mask)  # (B, H, T, Dh)
-    if off is not None and bool(off.any()):
+    if off is not None:
         out = out * ~(off[None, :, None, None] & vis[:, None, :, None])  # inactive heads: 0 on V rows
     x = h + attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
     y = block.post_attention_layernorm(x)
     g, u = mlp.gate_proj(y), mlp.up_proj(y)  # (B, T, I)
-    if ratio > 1:
+    if ratio > 1:  # Trainer._yopo checked that I // ratio >= 1
         i = g.shape[-1] // ratio
-        if i < 1:
-            raise InputError(f"yopo: ffn_ratio={ratio} leaves no intermediate channel of {g.shape[-1]}")
         cut = vis[..., None] & (torch.arange(g.shape[-1], device=g.device) >= i)  # (B, T, I)
         g, u = g.masked_fill(cut, 0.0), u.masked_fill(cut, 0.0)
     return x + mlp.down_proj(mlp.act(g) * u)

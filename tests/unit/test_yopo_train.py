@@ -24,7 +24,7 @@ from llavakit.training.config import TrainConfig
 from llavakit.training.packing import block_mask, collate_packed, encode_rounds, pack
 from llavakit.training.trainer import Trainer, train
 from llavakit.training.yopo_train import YopoTraining, grid_coords, parse_yopo
-from tests.tiny_models import IMAGE_TOKEN, build, noise_images
+from tests.tiny_models import IMAGE_TOKEN, noise_images
 from tests.unit.test_training import _recipe as training_recipe
 
 PROMPTS = ["what is in the image ?", "describe the colour and the shape of the image ?", "red"]
@@ -32,8 +32,8 @@ HEADS = [[True, True, False, False], [False, True, False, True]]  # (layer, quer
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build("llava", tmp_path_factory.mktemp("tiny-yopo-train"))
+def tiny(tiny_llava_dir):
+    return tiny_llava_dir  # read-only here: training writes under tmp_path
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +168,8 @@ def test_bad_yopo_recipes_are_refused(kw, needle):
         TrainConfig.from_dict(raw)
 
 
-def test_layercut_past_the_lm_is_refused_at_setup(tiny, tmp_path):
-    with pytest.raises(InputError, match="past the LM"):
-        _trainer(tmp_path, tiny, yopo="yopo:layercut=5")
+@pytest.mark.parametrize("spec,needle", [("yopo:layercut=5", "past the LM"),
+                                         ("yopo:ffn_ratio=128", "no intermediate channel")])
+def test_impossible_specs_for_this_lm_are_refused_at_setup(tiny, tmp_path, spec, needle):
+    with pytest.raises(InputError, match=needle):
+        _trainer(tmp_path, tiny, yopo=spec)
