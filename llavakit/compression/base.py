@@ -60,6 +60,7 @@ def register(name: str, budget: str | None = "keep") -> Callable[[Callable[..., 
 def with_budget(spec: str, ratio: float) -> str:
     """`spec` (one method, e.g. "fastv:layer=2") with its budget parameter set to `ratio`:
     with_budget("fastv:layer=2", 0.1) -> "fastv:layer=2:keep=0.1". Methods without a budget are unchanged."""
+    from . import methods  # noqa: F401  (registers the built-in methods, as method_names does)
     from .spec import parse_spec
 
     parsed = parse_spec(spec)

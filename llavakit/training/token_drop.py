@@ -31,6 +31,8 @@ probability, the uniform keep-share draw, masking instead of removing — is our
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -60,7 +62,8 @@ def cls_scores(model, processor, images) -> Tensor:
 
 
 def drop_visual_tokens(mask: Tensor, image_mask: Tensor, prob: float, keep: tuple[float, float],
-                       generator: torch.Generator, scores: Tensor | None = None) -> Tensor:
+                       generator: torch.Generator,
+                       scores: Tensor | Callable[[list[int]], Tensor] | None = None) -> Tensor:
     """Hide visual tokens as attention keys.
 
     mask: bool (B, 1, T, T), True = query may attend to key (`block_mask`'s output; not modified).
@@ -68,7 +71,10 @@ def drop_visual_tokens(mask: Tensor, image_mask: Tensor, prob: float, keep: tupl
     prob: chance that a sequence's image is dropped from at all; keep: (low, high) range of the share
     of its visual tokens that stay visible, drawn uniformly per sequence (at least one token stays).
     scores: optional (B, N) per-image-token score; the top-k tokens by it stay visible (ties toward
-    the lower index), instead of a uniform random subset.
+    the lower index), instead of a uniform random subset. It may also be a function of the dropped
+    sequences' indices returning their (len(rows), N) scores, called once and only for those rows
+    (the [CLS] scores cost a vision pass per image, needed only for the images that are dropped from);
+    the draws, and so the result, are the same either way.
     Returns a new mask in which, for each chosen sequence, the hidden image tokens are keys for no
     query but themselves.
     """
@@ -79,6 +85,7 @@ def drop_visual_tokens(mask: Tensor, image_mask: Tensor, prob: float, keep: tupl
         raise ValueError(f"visual token keep range must satisfy 0 < low <= high <= 1, got {keep}")
     out = mask.clone()
     b = image_mask.shape[0]
+    plan: list[tuple[int, Tensor, int, Tensor | None]] = []  # (row, image positions, k, random order)
     for i in range(b):
         if float(torch.rand((), generator=generator)) >= prob:
             continue
@@ -88,12 +95,15 @@ def drop_visual_tokens(mask: Tensor, image_mask: Tensor, prob: float, keep: tupl
             continue
         share = lo + (hi - lo) * float(torch.rand((), generator=generator))
         k = max(1, round(share * n))
-        if scores is None:
-            order = torch.randperm(n, generator=generator)  # (N,)
-        else:
-            if scores.shape[1] != n:
-                raise ValueError(f"sequence {i} has {n} image tokens but {scores.shape[1]} scores")
-            order = torch.sort(scores[i], descending=True, stable=True).indices  # (N,)
+        plan.append((i, idx, k, torch.randperm(n, generator=generator) if scores is None else None))
+    if scores is not None and plan:
+        rows = [i for i, *_ in plan]
+        picked = scores(rows) if callable(scores) else scores[rows]  # (len(rows), N)
+    for j, (i, idx, k, order) in enumerate(plan):
+        if order is None:
+            if picked.shape[1] != idx.numel():
+                raise ValueError(f"sequence {i} has {idx.numel()} image tokens but {picked.shape[1]} scores")
+            order = torch.sort(picked[j], descending=True, stable=True).indices  # (N,)
         hidden = idx[order[k:]]  # (N - k,)
         out[i, 0, :, hidden] = False
         out[i, 0, hidden, hidden] = True  # paired indices: each hidden token still sees itself

@@ -297,8 +297,9 @@ class Trainer:
         if self.cfg.visual_token_drop > 0:
             gen = step_generator(self.cfg.seed, where[0], where[1], self.rank)
             scores = None
-            if self.cfg.visual_token_select == "cls":  # one extra vision pass per image and step (not cached)
-                scores = cls_scores(model, self.vlm.processor, [g.load() for g in groups])  # (B, N)
+            if self.cfg.visual_token_select == "cls":  # one extra vision pass per dropped image (not cached)
+                def scores(rows: list[int]) -> Tensor:  # (len(rows), N)
+                    return cls_scores(model, self.vlm.processor, [groups[r].load() for r in rows])
             mask = drop_visual_tokens(mask, img_mask, self.cfg.visual_token_drop, self.cfg.visual_token_keep, gen,
                                       scores)
         # bf16: autocast of the LM matmuls (5x the fp32 matmul rate on AVX512-BF16 CPUs); the loss is fp32

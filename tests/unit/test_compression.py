@@ -270,6 +270,18 @@ def test_with_budget():
         with_budget("nosuch:keep=0.5", 0.5)
 
 
+def test_with_budget_in_a_fresh_process():
+    """with_budget registers the built-in methods itself (it used to fail in a fresh interpreter before
+    anything else had imported llavakit.compression.methods)."""
+    import subprocess
+    import sys
+
+    code = "from llavakit.compression import with_budget; print(with_budget('fastervlm:pos=original', 0.1))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "fastervlm:pos=original:keep=0.1"
+
+
 def test_with_budget_takes_one_method():
     with pytest.raises(InputError):  # a clear message, not "too many values to unpack"
         with_budget("fastervlm:keep=0.5,fastv:layer=1", 0.5)

@@ -52,6 +52,33 @@ def test_at_least_one_token_stays_visible():
     assert (out[:, 0, -1][image].view(8, -1).sum(1) == 1).all()
 
 
+def test_scores_keep_the_top_tokens_and_are_asked_only_for_dropped_rows():
+    mask, image = _batch(b=6)
+    scores = torch.rand(6, 20, generator=torch.Generator().manual_seed(3))  # (B, N)
+    out = drop_visual_tokens(mask, image, 0.5, (0.2, 0.4), step_generator(2, 5, 0, 0), scores)
+    dropped = []
+    for i in range(6):
+        seen = out[i, 0, -1][image[i]]  # (N,) what the last text token sees
+        if bool(seen.all()):
+            continue
+        dropped.append(i)
+        k = int(seen.sum())
+        assert 4 <= k <= 8  # 20-40 % of 20 tokens
+        assert set(seen.nonzero().flatten().tolist()) == set(scores[i].topk(k).indices.tolist())
+    assert 0 < len(dropped) < 6  # this draw drops some rows and not others
+    asked = []
+
+    def lazy(rows):
+        asked.append(list(rows))
+        return scores[rows]
+
+    lazy_out = drop_visual_tokens(mask, image, 0.5, (0.2, 0.4), step_generator(2, 5, 0, 0), lazy)
+    assert torch.equal(lazy_out, out)  # same draws, same mask
+    assert asked == [dropped]  # one call, only the dropped rows
+    none = drop_visual_tokens(mask, image, 0.0, (0.2, 0.4), step_generator(2, 5, 0, 0), lazy)
+    assert torch.equal(none, mask) and asked == [dropped]  # nothing dropped: never called
+
+
 @pytest.mark.parametrize("kw,needle", [({"visual_token_drop": 1.5}, "visual_token_drop"),
                                         ({"visual_token_keep": [0.5, 0.2]}, "visual_token_keep"),
                                         ({"visual_token_keep": [0, 0.2]}, "visual_token_keep"),
