@@ -18,7 +18,7 @@ whose colour or shape the question names); ours, not from a paper.
 
     python benchmarks/kept_coverage.py --methods fastervlm:pos=original --keeps 0.25,0.1,0.05 --limit 160 \
         --predictions docs/compression/stageI3-world/grid_predictions.jsonl \
-        --out docs/compression/stageI3-world/coverage.json                          # ~2 min (vision only)
+        --out docs/compression/stageI3-world/coverage.json     # vision only; 7 min at 1 thread beside a training run
 
 In-LLM methods (e.g. `fastv:layer=2`) need one LM prefill per item and prompt (kept_mask's rule: a token
 counts as kept when it reaches the last layer).
