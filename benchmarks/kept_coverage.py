@@ -110,7 +110,7 @@ def read_scores(path: str | None) -> dict[tuple[str, str], float]:
 
 @torch.inference_mode()
 def run(methods: list[str], keeps: list[float], tasks: list[str], limit: int, seed: int,
-        weights: str | None, instruction: bool = True) -> list[dict[str, Any]]:
+        weights: str | None) -> list[dict[str, Any]]:
     import llavakit
     from llavakit.compression import with_budget
     from llavakit.data.world import eval_items
@@ -125,8 +125,8 @@ def run(methods: list[str], keeps: list[float], tasks: list[str], limit: int, se
     rows = []
     for task in tasks:
         for it in eval_items(task, limit, seed):
-            image = it.image() if callable(it.image) else it.image
-            prompt = answer_suffix(it.question, INSTRUCTIONS[task]) if instruction else it.question
+            image = it.image()
+            prompt = answer_suffix(it.question, INSTRUCTIONS[task])  # as WorldTask.items asks it
             objs = asked_objects(task, it)
             for cfg, spec in configs.items():
                 mask = kept_mask(vlm, image, spec, prompt=prompt)  # (gh, gw) bool
