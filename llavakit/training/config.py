@@ -17,6 +17,7 @@ DATA_KINDS = ("easyvqa", "world-caption", "world-instruction", "world-qa", "worl
 YES_NO_MODES = ("all", "balanced")
 STAGES = ("align", "instruct")
 PRECISIONS = ("fp32", "bf16")
+SHIPPED = "shipped"  # init_from: the trained weights packed in llavakit (llavakit.default.build.trained_weights)
 TOKEN_SELECT = ("random", "cls")  # visual_token_select: which visual tokens stay visible (training/token_drop.py)
 MODULES = ("vision_tower", "multi_modal_projector", "language_model", "visual_inject")
 LR_EXTRA = ("lora", "projector_context")  # lr groups beside whole modules: LoRA tensors, the projector's context branch
@@ -63,7 +64,9 @@ class TrainConfig:
     model: str = "default"
     stage: str = "align"
     out_dir: str = "runs/default"
-    init_from: str | None = None  # a previous run's out_dir (or its trained .safetensors file) to start from
+    # a previous run's out_dir (or its trained .safetensors file) to start from; "shipped" (model default only):
+    # the trained weights packed in llavakit (stage I3), so a fine-tune of them needs no earlier run on disk
+    init_from: str | None = None
     data: tuple[DataSource, ...] = ()
     steps: int = 1000
     batch_size: int = 4  # packed sequences per optimizer micro-step
@@ -119,6 +122,9 @@ class TrainConfig:
             raise InputError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if not self.data:
             raise InputError("a training config needs at least one data source (`data:`)")
+        if self.init_from == SHIPPED and self.model != "default":
+            raise InputError(f"init_from: {SHIPPED} names the default model's packed weights; this recipe's model "
+                             f"is {self.model!r} (name a run's out_dir or a trained .safetensors file instead)")
         if not 0.0 <= self.visual_token_drop <= 1.0:
             raise InputError(f"visual_token_drop must be a probability in [0, 1], got {self.visual_token_drop}")
         if self.visual_token_select not in TOKEN_SELECT:

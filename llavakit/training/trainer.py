@@ -33,7 +33,7 @@ from ..data.dataset import IGNORE_INDEX, TurnLabeler
 from ..errors import InputError, TrainingError
 from ..models.vlm import copy_feature_blocks, feature_block_map
 from . import checkpoint
-from .config import TrainConfig
+from .config import SHIPPED, TrainConfig
 from .data import ImageGroup, build_groups, mix
 from .features import FeatureCache
 from .lora import apply_lora, grow_lora_state, load_lora_state, lora_state
@@ -131,8 +131,7 @@ class Trainer:
         self.mu = self.sd = None
         self.stat_layers = model.config.feature_layers  # the layers self.mu / self.sd describe
         if cfg.init_from:
-            src = Path(cfg.init_from).expanduser()
-            self._load_trained(src if src.suffix == ".safetensors" else src / TRAINED)
+            self._load_trained(self._init_path(cfg.init_from))
         if cfg.vision_feature_layer:
             model.set_feature_layers(cfg.vision_feature_layer)
         self.yopo = self._yopo(cfg.yopo) if cfg.yopo else None
@@ -228,6 +227,20 @@ class Trainer:
         else:
             new_mu, new_sd = torch.zeros(d), torch.ones(d)
         return copy_feature_blocks(new_mu, mu, blocks, dv), copy_feature_blocks(new_sd, sd, blocks, dv)
+
+    @staticmethod
+    def _init_path(init_from: str) -> Path:
+        """The trained .safetensors file `init_from` names: a run's out_dir, a file, or "shipped"."""
+        if init_from == SHIPPED:
+            from ..default.build import trained_weights
+
+            path = trained_weights()
+            if path is None:
+                raise InputError(f"init_from: {SHIPPED}: this llavakit install carries no packed trained weights "
+                                 f"(llavakit/default/weights/default-trained.safetensors.gz)")
+            return path
+        src = Path(init_from).expanduser()
+        return src if src.suffix == ".safetensors" else src / TRAINED
 
     def _load_trained(self, path: Path) -> None:
         from safetensors import safe_open

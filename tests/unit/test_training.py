@@ -235,6 +235,25 @@ def test_init_from_continues_from_saved_weights(tiny, tmp_path):
         Trainer(TrainConfig.from_yaml(_recipe(tmp_path / "c", tiny, init_from=str(tmp_path / "none")))).setup()
 
 
+def test_init_from_shipped_names_the_packed_default_weights(tiny, tmp_path, monkeypatch):
+    """`init_from: shipped` starts a fine-tune from the trained weights packed in llavakit (no earlier run on
+    disk); it is refused for another model, and where the install carries no packed file."""
+    from llavakit.default import build as build_mod
+
+    monkeypatch.setenv("LLAVAKIT_CACHE", str(tmp_path / "cache"))
+    shipped = Trainer._init_path("shipped")  # the real packed file, unpacked into the cache
+    assert shipped == build_mod.trained_weights() and shipped.suffix == ".safetensors"
+    assert shipped.is_relative_to(tmp_path / "cache") and shipped.stat().st_size > 0
+    monkeypatch.setattr(build_mod, "trained_weights", lambda: None)
+    with pytest.raises(InputError, match="no packed trained weights"):
+        Trainer._init_path("shipped")
+    run = tmp_path / "run"
+    assert Trainer._init_path(str(run)) == run / "trained.safetensors"
+    assert Trainer._init_path(str(run / "w.safetensors")) == run / "w.safetensors"
+    with pytest.raises(InputError, match="default model's packed weights"):
+        TrainConfig.from_yaml(_recipe(tmp_path, tiny, init_from="shipped"))
+
+
 def test_init_from_grows_lora_without_changing_the_model(tiny, tmp_path):
     """A recipe with a larger LoRA (rank 4 -> 8, attention -> attention + MLP) starts from an r4 run:
     the merged model is the same function, and shrinking back is refused."""
@@ -488,8 +507,8 @@ def test_torchrun_two_processes(tiny, tmp_path):
 
 def test_every_shipped_recipe_parses():
     """Each recipes/*.yaml is a valid TrainConfig (an unknown key or a bad value would fail here, not in
-    the middle of someone's hour-long run), and each init_from is a file in the repository or the output of
-    another recipe (its out_dir, or the trained.safetensors in it)."""
+    the middle of someone's hour-long run), and each init_from is a file in the repository, the output of
+    another recipe (its out_dir, or the trained.safetensors in it), or the packed default weights ("shipped")."""
     from llavakit.training.config import TrainConfig
 
     root = Path(__file__).resolve().parents[2]
@@ -499,7 +518,7 @@ def test_every_shipped_recipe_parses():
     outputs = {c.out_dir.rstrip("/") for c in cfgs.values()}
     for path, cfg in cfgs.items():
         assert cfg.steps > 0 and cfg.model == "default", path
-        if cfg.init_from:
+        if cfg.init_from and cfg.init_from != "shipped":
             run = cfg.init_from[: -len("/trained.safetensors")] if cfg.init_from.endswith("/trained.safetensors") \
                 else cfg.init_from.rstrip("/")
             assert (root / cfg.init_from).is_file() or (run in outputs and run != cfg.out_dir.rstrip("/")), \
