@@ -8,7 +8,7 @@ Prints, for the tasks present:
 - world-report-simple / -complex: accuracy per corruption (none / insert / remove / substitute) and per
   number of statements in the report;
 - easyvqa: accuracy on colour / shape / yes-no questions, with the shuffled-image score when the run
-  had `--shuffled-control`, and the question-conditional answer prior (`easyvqa_prior`), the blind
+  had `--shuffled-control`, the (gold, predicted) pairs of the colour and shape misses, and the question-conditional answer prior (`easyvqa_prior`), the blind
   baseline that control is read against.
 These are the breakdown rows of docs/default-model-training.md's stage tables. With `--against`, it
 prints instead how many items two runs of the same items answer alike (per task and in all).
@@ -123,6 +123,14 @@ def easyvqa(rows: list[dict]) -> dict:
     return out
 
 
+def easyvqa_misses(rows: list[dict]) -> Counter:
+    """Counter[(gold, predicted)] of the easy-vqa colour and shape questions answered wrong."""
+    from llavakit.eval.scoring import normalize
+
+    return Counter((r["answer"], normalize(r["prediction"])) for r in rows
+                   if r["task"] == "easyvqa" and r["answer"] not in ("yes", "no") and r["score"] < 1)
+
+
 def easyvqa_prior(rows: list[dict], train: list[tuple[str, str]] | None = None) -> tuple[int, float] | None:
     """(n, acc %) of the question-conditional answer prior on the easy-vqa rows: each question answered with
     the most common train-split answer of the same question text (None when no easy-vqa row has a prompt).
@@ -200,6 +208,8 @@ def main(argv: list[str]) -> int:
     if "easyvqa" in tasks:
         for kind, (n, acc, sh) in easyvqa(rows).items():
             print(f"easyvqa {kind} (n={n}): {acc:.1f} %" + ("" if sh is None else f" (shuffled image {sh:.1f} %)"))
+        for (g, pr), k in sorted(easyvqa_misses(rows).items()):
+            print(f"  {g!r} -> {pr!r}: {k}")
         if prior := easyvqa_prior(rows):
             print(f"easyvqa answer prior per question (train split's most common answer; n={prior[0]}): "
                   f"{prior[1]:.1f} %")

@@ -1,9 +1,8 @@
 """Per-config accuracy split by question kind, from a compression grid's predictions.
 
-Reads `grid_predictions.jsonl` (written by `benchmarks/compression.py` / `llavakit eval --keep`), or one
-`llavakit eval` run's `predictions.jsonl` (no config field: one config, named by its folder), and prints,
-per config, the accuracy on "open" questions (answer not yes/no: easy-vqa's colour and shape questions)
-and on yes/no questions. This is the "open acc" column of docs/compression/README.md.
+Reads `grid_predictions.jsonl` (written by `benchmarks/compression.py` / `llavakit eval --keep`) and
+prints, per config, the accuracy on "open" questions (answer not yes/no: easy-vqa's colour and shape
+questions) and on yes/no questions. This is the "open acc" column of docs/compression/README.md.
 
     python benchmarks/grid_by_kind.py docs/compression/grid_predictions.jsonl
     python benchmarks/grid_by_kind.py PREDICTIONS.jsonl --wrong 5   # also each config's 5 commonest wrong open answers
@@ -14,12 +13,6 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter, defaultdict
-from pathlib import Path
-
-
-def _config(p: dict, path: str) -> str:
-    """The grid config a prediction row belongs to; a plain eval's rows carry none: its output folder's name."""
-    return p.get("config") or Path(path).parent.name
 
 
 def by_kind(path: str) -> dict[str, dict[str, tuple[int, float]]]:
@@ -28,7 +21,7 @@ def by_kind(path: str) -> dict[str, dict[str, tuple[int, float]]]:
         for line in f:
             p = json.loads(line)
             kind = "yes/no" if p["answer"] in ("yes", "no") else "open"
-            scores[_config(p, path)][kind].append(float(p["score"]))
+            scores[p["config"]][kind].append(float(p["score"]))
     return {c: {k: (len(v), 100.0 * sum(v) / len(v)) for k, v in ks.items()} for c, ks in scores.items()}
 
 
@@ -41,7 +34,7 @@ def wrong_open(path: str) -> dict[str, Counter]:
         for line in f:
             p = json.loads(line)
             if p["answer"] not in ("yes", "no") and float(p["score"]) < 1:
-                out[_config(p, path)][normalize(p["prediction"])] += 1
+                out[p["config"]][normalize(p["prediction"])] += 1
     return out
 
 

@@ -47,9 +47,9 @@ def load(source: str | os.PathLike = "default", dtype: Any = None, device: Any =
     comp = Compression.parse(compression)  # a bad spec fails before any weight is read
     weights = None
     if not isinstance(trained, bool):
-        weights = Path(trained).expanduser()
-        if weights.is_dir():
-            weights = weights / "trained.safetensors"
+        from .training.apply import trained_file
+
+        weights = trained_file(trained)
         if not weights.is_file():
             raise CheckpointError(f"trained weights {weights} do not exist (pass a run's trained.safetensors "
                                   f"or its out_dir)")  # before any model weight is read

@@ -17,6 +17,15 @@ import torch
 
 from ..errors import CheckpointError, InputError
 
+TRAINED = "trained.safetensors"  # a training run's weights file in its out_dir
+
+
+def trained_file(src: str | Path) -> Path:
+    """The weights file `src` names: the file itself, or a run's out_dir (its trained.safetensors).
+    Existence is the caller's check, with its own message."""
+    path = Path(src).expanduser()
+    return path if path.suffix == ".safetensors" or path.is_file() else path / TRAINED
+
 
 def apply_trained(model: torch.nn.Module, path: str | Path) -> dict:
     """Load projector + merged LoRA from `path` into `model` (a LlavaModel); returns the file's metadata."""

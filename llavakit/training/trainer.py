@@ -33,6 +33,7 @@ from ..data.dataset import IGNORE_INDEX, TurnLabeler
 from ..errors import InputError, TrainingError
 from ..models.vlm import copy_feature_blocks, feature_block_map
 from . import checkpoint
+from .apply import TRAINED, trained_file
 from .config import SHIPPED, TrainConfig
 from .data import ImageGroup, build_groups, mix
 from .features import FeatureCache
@@ -41,7 +42,6 @@ from .packing import block_mask, collate_packed, pack
 from .token_drop import cls_scores, drop_visual_tokens, step_generator
 from .yopo_train import YopoTraining, parse_yopo
 
-TRAINED = "trained.safetensors"
 MAX_BAD_STEPS = 10  # this many non-finite steps in a row stop a run (fewer are skipped)
 
 
@@ -239,8 +239,7 @@ class Trainer:
                 raise InputError(f"init_from: {SHIPPED}: this llavakit install carries no packed trained weights "
                                  f"(llavakit/default/weights/default-trained.safetensors.gz)")
             return path
-        src = Path(init_from).expanduser()
-        return src if src.suffix == ".safetensors" else src / TRAINED
+        return trained_file(init_from)
 
     def _load_trained(self, path: Path) -> None:
         from safetensors import safe_open

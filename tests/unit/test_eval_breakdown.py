@@ -34,11 +34,13 @@ def test_breakdown_splits_position_count_and_easyvqa(tmp_path, capsys):
     c = mod.count(rows)
     assert c["per_count"] == {"3": (2, 50.0)} and c["misses"] == {("3", "4"): 1}
     assert mod.easyvqa(rows) == {"colour": (1, 100.0, 0.0), "shape": (1, 0.0, 100.0), "yes/no": (1, 100.0, 100.0)}
+    assert mod.easyvqa_misses(rows) == {("circle", "square"): 1}  # open questions only, misses only
     f = tmp_path / "predictions.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert mod.main([str(f)]) == 0
     out = capsys.readouterr().out
     assert "row 66.7 %, column 33.3 %" in out and "3 -> 4: 1" in out and "easyvqa shape (n=1): 0.0 %" in out
+    assert "'circle' -> 'square': 1" in out
     assert mod.main([]) == 2
 
 

@@ -58,11 +58,6 @@ def test_grid_by_kind_counts_the_wrong_open_answers(tmp_path, capsys):
     assert mod.main([str(path), "--wrong", "2"]) == 0
     assert "2: blue 2" in capsys.readouterr().out
     assert mod.main([str(path), "--wrong"]) == 2
-    # one `llavakit eval` run's predictions.jsonl has no config field: its folder names the one config
-    (tmp_path / "run").mkdir()
-    plain = tmp_path / "run" / "predictions.jsonl"
-    plain.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "config"}) + "\n" for r in rows))
-    assert mod.by_kind(str(plain)) == {"run": {"open": (3, 100.0 / 3), "yes/no": (1, 0.0)}}
 
 
 def test_grid_by_kind_help(capsys):
