@@ -8,7 +8,8 @@ Prints, for the tasks present:
 - world-report-simple / -complex: accuracy per corruption (none / insert / remove / substitute) and per
   number of statements in the report;
 - easyvqa: accuracy on colour / shape / yes-no questions, with the shuffled-image score when the run
-  had `--shuffled-control`, the (gold, predicted) pairs of the colour and shape misses, and the question-conditional answer prior (`easyvqa_prior`), the blind
+  had `--shuffled-control`, the (gold, predicted) pairs of the colour and shape misses, the yes/no
+  accuracy by the colour or shape the question names (`easyvqa_yesno_by_word`), and the question-conditional answer prior (`easyvqa_prior`), the blind
   baseline that control is read against.
 These are the breakdown rows of docs/default-model-training.md's stage tables. With `--against`, it
 prints instead how many items two runs of the same items answer alike (per task and in all).
@@ -131,6 +132,23 @@ def easyvqa_misses(rows: list[dict]) -> Counter:
                    if r["task"] == "easyvqa" and r["answer"] not in ("yes", "no") and r["score"] < 1)
 
 
+def easyvqa_yesno_by_word(rows: list[dict]) -> dict[str, tuple[int, float]]:
+    """{colour or shape word: (n, acc %)} of the easy-vqa yes/no questions that name it ("is there a green
+    shape?" under "green"); a question naming none is left out. Word order: COLORS, then SHAPES."""
+    import re
+
+    from llavakit.data.easyvqa import COLORS, SHAPES
+
+    groups: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if r["task"] == "easyvqa" and r["answer"] in ("yes", "no") and "prompt" in r:
+            q = r["prompt"].lower()
+            word = next((w for w in COLORS + SHAPES if re.search(rf"\b{w}\b", q)), None)
+            if word is not None:
+                groups[word].append(r["score"])
+    return {w: (len(groups[w]), 100.0 * sum(groups[w]) / len(groups[w])) for w in COLORS + SHAPES if groups[w]}
+
+
 def easyvqa_prior(rows: list[dict], train: list[tuple[str, str]] | None = None) -> tuple[int, float] | None:
     """(n, acc %) of the question-conditional answer prior on the easy-vqa rows: each question answered with
     the most common train-split answer of the same question text (None when no easy-vqa row has a prompt).
@@ -210,6 +228,9 @@ def main(argv: list[str]) -> int:
             print(f"easyvqa {kind} (n={n}): {acc:.1f} %" + ("" if sh is None else f" (shuffled image {sh:.1f} %)"))
         for (g, pr), k in sorted(easyvqa_misses(rows).items()):
             print(f"  {g!r} -> {pr!r}: {k}")
+        if by_word := easyvqa_yesno_by_word(rows):
+            print("easyvqa yes/no by the word asked about: "
+                  + ", ".join(f"{w} {a:.1f} % (n={n})" for w, (n, a) in by_word.items()))
         if prior := easyvqa_prior(rows):
             print(f"easyvqa answer prior per question (train split's most common answer; n={prior[0]}): "
                   f"{prior[1]:.1f} %")

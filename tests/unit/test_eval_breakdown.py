@@ -44,6 +44,24 @@ def test_breakdown_splits_position_count_and_easyvqa(tmp_path, capsys):
     assert mod.main([]) == 2
 
 
+def test_easyvqa_yesno_split_by_the_word_asked_about(tmp_path, capsys):
+    mod = _module()
+    rows = [
+        {"task": "easyvqa", "prompt": "is there a green shape?", "answer": "no", "prediction": "yes", "score": 0.0},
+        {"task": "easyvqa", "prompt": "is no green shape present?", "answer": "yes", "prediction": "yes", "score": 1.0},
+        {"task": "easyvqa", "prompt": "does the image contain a circle?", "answer": "yes", "prediction": "yes",
+         "score": 1.0},
+        {"task": "easyvqa", "prompt": "what color is the shape?", "answer": "green", "prediction": "teal", "score": 0.0},
+        {"task": "easyvqa", "prompt": "is there a shape?", "answer": "yes", "prediction": "yes", "score": 1.0},
+    ]
+    # open questions and yes/no questions naming no colour or shape are left out
+    assert mod.easyvqa_yesno_by_word(rows) == {"green": (2, 50.0), "circle": (1, 100.0)}
+    f = tmp_path / "predictions.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert mod.main([str(f)]) == 0
+    assert "green 50.0 % (n=2), circle 100.0 % (n=1)" in capsys.readouterr().out
+
+
 def test_breakdown_of_count_by_object_size_and_report_by_corruption(capsys, tmp_path):
     from llavakit.data.world import eval_item
 
