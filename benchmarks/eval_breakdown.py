@@ -22,6 +22,7 @@ prints instead how many items two runs of the same items answer alike (per task 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import Counter, defaultdict
 
@@ -135,8 +136,6 @@ def easyvqa_misses(rows: list[dict]) -> Counter:
 def easyvqa_yesno_by_word(rows: list[dict]) -> dict[str, tuple[int, float]]:
     """{colour or shape word: (n, acc %)} of the easy-vqa yes/no questions that name it ("is there a green
     shape?" under "green"); a question naming none is left out. Word order: COLORS, then SHAPES."""
-    import re
-
     from llavakit.data.easyvqa import COLORS, SHAPES
 
     groups: dict[str, list[float]] = defaultdict(list)
