@@ -108,13 +108,13 @@ def report(rows: list[dict]) -> dict:
 
 def easyvqa(rows: list[dict]) -> dict:
     """{kind: (n, acc %, shuffled acc % or None)} for easy-vqa's colour, shape and yes/no questions."""
-    from llavakit.data.easyvqa import COLORS
+    from llavakit.data.easyvqa import answer_kind
 
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         if r["task"] == "easyvqa":
-            kind = "yes/no" if r["answer"] in ("yes", "no") else "colour" if r["answer"] in COLORS else "shape"
-            groups[kind].append(r)
+            kind = answer_kind(r["answer"])  # "color" / "shape" / "yes/no"
+            groups["colour" if kind == "color" else kind].append(r)
     out = {}
     for kind in ("colour", "shape", "yes/no"):
         g = groups.get(kind, [])
@@ -127,10 +127,11 @@ def easyvqa(rows: list[dict]) -> dict:
 
 def easyvqa_misses(rows: list[dict]) -> Counter:
     """Counter[(gold, predicted)] of the easy-vqa colour and shape questions answered wrong."""
+    from llavakit.data.easyvqa import answer_kind
     from llavakit.eval.scoring import normalize
 
     return Counter((r["answer"], normalize(r["prediction"])) for r in rows
-                   if r["task"] == "easyvqa" and r["answer"] not in ("yes", "no") and r["score"] < 1)
+                   if r["task"] == "easyvqa" and answer_kind(r["answer"]) != "yes/no" and r["score"] < 1)
 
 
 def easyvqa_yesno_by_word(rows: list[dict]) -> dict[str, tuple[int, float]]:
