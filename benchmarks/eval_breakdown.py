@@ -12,7 +12,8 @@ Prints, for the tasks present:
   accuracy by the colour or shape the question names (`easyvqa_yesno_by_word`), and the question-conditional answer prior (`easyvqa_prior`), the blind
   baseline that control is read against.
 These are the breakdown rows of docs/default-model-training.md's stage tables. With `--against`, it
-prints instead how many items two runs of the same items answer alike (per task and in all).
+prints instead how many items two runs of the same items answer alike (per task and in all), and per task
+the accuracy difference with its 95 % interval over the items drawn (`paired`).
 
     python benchmarks/eval_breakdown.py docs/eval/default-position2-200-world360/predictions.jsonl
     python benchmarks/eval_breakdown.py docs/eval/default-shipped-check3-world360/predictions.jsonl \
@@ -194,6 +195,41 @@ def agreement(rows: list[dict], other: list[dict]) -> dict[str, tuple[int, int]]
     return {task: (n, same) for task, (n, same) in sorted(out.items())}
 
 
+def _item_scores(rows: list[dict]) -> dict[tuple[str, str], float]:
+    """{(task, id): item score}, an item's score being the mean over its rounds (as `llavakit eval` scores it)."""
+    rounds: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        if "id" in r and "score" in r:
+            rounds[(r["task"], r["id"])].append(float(r["score"]))
+    return {k: sum(v) / len(v) for k, v in rounds.items()}
+
+
+def paired(rows: list[dict], other: list[dict]) -> dict[str, dict]:
+    """{task: {n, acc, acc_other, diff, ci95, only, only_other}} over the items both runs scored (matched by id).
+
+    diff is acc - acc_other in points; ci95 the half-width of its 95 % interval from the paired per-item
+    differences (normal approximation, 1.96 standard errors: ours, rough when few items differ). It is the
+    sampling error of the items drawn, for the same two models; it does not include training variation.
+    only / only_other count the items one run gets fully right and the other does not."""
+    mine, theirs = _item_scores(rows), _item_scores(other)
+    per: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for key, a in mine.items():
+        if key in theirs:
+            per[key[0]].append((a, theirs[key]))
+    out = {}
+    for task, pairs in sorted(per.items()):
+        n = len(pairs)
+        d = [a - b for a, b in pairs]
+        mean = sum(d) / n
+        var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+        out[task] = {"n": n, "acc": 100.0 * sum(a for a, _ in pairs) / n,
+                     "acc_other": 100.0 * sum(b for _, b in pairs) / n, "diff": 100.0 * mean,
+                     "ci95": 100.0 * 1.96 * (var / n) ** 0.5,
+                     "only": sum(a == 1.0 and b < 1.0 for a, b in pairs),
+                     "only_other": sum(b == 1.0 and a < 1.0 for a, b in pairs)}
+    return out
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[1] == "--against":
         pairs = agreement(_rows(argv[0]), _rows(argv[2]))
@@ -201,6 +237,10 @@ def main(argv: list[str]) -> int:
             print(f"{task}: the same answer on {same} of {n} items")
         n, same = sum(n for n, _ in pairs.values()), sum(s for _, s in pairs.values())
         print(f"all: the same answer on {same} of {n} items")
+        for task, p in paired(_rows(argv[0]), _rows(argv[2])).items():
+            print(f"{task} (n={p['n']}): {p['acc']:.1f} % vs {p['acc_other']:.1f} %, difference "
+                  f"{p['diff']:+.1f} +- {p['ci95']:.1f} points (95 %, items drawn); right only in the first "
+                  f"{p['only']}, only in the second {p['only_other']}")
         return 0
     if len(argv) != 1:
         print(__doc__)

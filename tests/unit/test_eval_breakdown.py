@@ -126,3 +126,31 @@ def test_agreement_counts_same_answers_matched_by_id_and_round(tmp_path, capsys)
     fb.write_text("".join(json.dumps(r) + "\n" for r in b))
     assert mod.main([str(fa), "--against", str(fb)]) == 0
     assert "all: the same answer on 2 of 3 items" in capsys.readouterr().out
+
+
+def test_paired_difference_matches_items_by_id_and_scores_items_over_rounds(tmp_path, capsys):
+    mod = _module()
+    a = [{"task": "t", "id": "i0", "score": 1.0, "prediction": "x"},
+         {"task": "t", "id": "i1", "score": 1.0, "prediction": "x"},
+         {"task": "t", "id": "i2", "round": 0, "score": 1.0, "prediction": "x"},
+         {"task": "t", "id": "i2", "round": 1, "score": 0.0, "prediction": "y"},  # item i2 scores 0.5
+         {"task": "t", "id": "i3", "score": 0.0, "prediction": "y"},
+         {"task": "t", "id": "a-only", "score": 1.0, "prediction": "x"}]  # in one run only: not counted
+    b = [{"task": "t", "id": "i0", "score": 1.0, "prediction": "x"},
+         {"task": "t", "id": "i1", "score": 0.0, "prediction": "y"},
+         {"task": "t", "id": "i2", "score": 1.0, "prediction": "x"},
+         {"task": "t", "id": "i3", "score": 1.0, "prediction": "x"}]
+    p = mod.paired(a, b)["t"]
+    assert p["n"] == 4 and p["acc"] == 62.5 and p["acc_other"] == 75.0 and p["diff"] == -12.5
+    assert (p["only"], p["only_other"]) == (1, 2)
+    # differences (0, 1, -0.5, -1): sd = sqrt(0.72917), half-width 1.96 * sd / sqrt(4)
+    assert round(p["ci95"], 2) == round(100 * 1.96 * (0.729166667 ** 0.5) / 2, 2)
+    same = mod.paired(b, b)["t"]
+    assert same["diff"] == 0.0 and same["ci95"] == 0.0
+    fa, fb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    fa.write_text("".join(json.dumps(r) + "\n" for r in a))
+    fb.write_text("".join(json.dumps(r) + "\n" for r in b))
+    assert mod.main([str(fa), "--against", str(fb)]) == 0
+    out = capsys.readouterr().out
+    assert "t (n=4): 62.5 % vs 75.0 %, difference -12.5 +- " in out
+    assert "right only in the first 1, only in the second 2" in out
