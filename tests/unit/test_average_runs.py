@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,14 +10,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("average_runs", ROOT / "benchmarks" / "average_runs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("average_runs")
 
 
 def _run(path: Path, seed: int, mean: torch.Tensor, meta: dict | None = None) -> Path:
