@@ -138,11 +138,11 @@ def easyvqa_misses(rows: list[dict]) -> Counter:
 def easyvqa_yesno_by_word(rows: list[dict]) -> dict[str, tuple[int, float]]:
     """{colour or shape word: (n, acc %)} of the easy-vqa yes/no questions that name it ("is there a green
     shape?" under "green"); a question naming none is left out. Word order: COLORS, then SHAPES."""
-    from llavakit.data.easyvqa import COLORS, SHAPES
+    from llavakit.data.easyvqa import COLORS, SHAPES, answer_kind
 
     groups: dict[str, list[float]] = defaultdict(list)
     for r in rows:
-        if r["task"] == "easyvqa" and r["answer"] in ("yes", "no") and "prompt" in r:
+        if r["task"] == "easyvqa" and answer_kind(r["answer"]) == "yes/no" and "prompt" in r:
             q = r["prompt"].lower()
             word = next((w for w in COLORS + SHAPES if re.search(rf"\b{w}\b", q)), None)
             if word is not None:
@@ -232,12 +232,13 @@ def paired(rows: list[dict], other: list[dict]) -> dict[str, dict]:
 
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[1] == "--against":
-        pairs = agreement(_rows(argv[0]), _rows(argv[2]))
+        rows, other = _rows(argv[0]), _rows(argv[2])
+        pairs = agreement(rows, other)
         for task, (n, same) in pairs.items():
             print(f"{task}: the same answer on {same} of {n} items")
         n, same = sum(n for n, _ in pairs.values()), sum(s for _, s in pairs.values())
         print(f"all: the same answer on {same} of {n} items")
-        for task, p in paired(_rows(argv[0]), _rows(argv[2])).items():
+        for task, p in paired(rows, other).items():
             print(f"{task} (n={p['n']}): {p['acc']:.1f} % vs {p['acc_other']:.1f} %, difference "
                   f"{p['diff']:+.1f} +- {p['ci95']:.1f} points (95 %, items drawn); right only in the first "
                   f"{p['only']}, only in the second {p['only_other']}")
