@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -70,6 +69,7 @@ def main(argv: list[str]) -> int:
     from safetensors.torch import save_file
 
     from llavakit.errors import InputError
+    from llavakit.fileio import atomic_path
     from llavakit.training.apply import TRAINED, trained_file
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -82,10 +82,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     out = Path(args.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (TRAINED + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, out / TRAINED)  # never a half-written file
+    with atomic_path(out / TRAINED) as tmp:  # never a half-written file
+        save_file(state, str(tmp), metadata=meta)
     print(f"wrote {out / TRAINED} (average of {len(args.runs)} runs)")
     return 0
 

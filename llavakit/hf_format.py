@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,6 +23,7 @@ from torch import Tensor
 
 from .config import LMConfig, ProjectorConfig, VLMConfig
 from .errors import CheckpointError
+from .fileio import atomic_write_text
 from .models.lm.hf_config import lm_config_from_hf, lm_config_to_hf
 from .models.vision.hf_config import convert_hf_vision_state_dict, vision_config_from_hf, vision_config_to_hf
 
@@ -217,6 +217,4 @@ def export_state_dict(model: torch.nn.Module, arch: str, tied: bool) -> dict[str
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

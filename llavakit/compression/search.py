@@ -31,13 +31,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..errors import InputError
+from ..fileio import atomic_write_text
 from ..llm_hooks.schedule import PSigmoid, check_schedule, keep_count, read_schedule
 
 GRID = (1.0, 0.75, 0.5, 0.25, 0.1, 0.05)
@@ -311,17 +311,7 @@ def save_schedule(path: str | os.PathLike, ratios: Sequence[float], **meta: Any)
     """Write {"ratios": [...], **meta} as JSON, atomically (temp file in the same folder + os.replace)."""
     p = Path(path)
     data = {"ratios": [float(x) for x in check_schedule("gsearch", list(ratios))], **meta}
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return atomic_write_text(p, json.dumps(data, indent=2) + "\n")
 
 
 def load_schedule(path: str | os.PathLike) -> list[float]:

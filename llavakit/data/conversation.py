@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, Union
@@ -46,6 +45,7 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 from PIL import Image
 
 from ..errors import InputError
+from ..fileio import atomic_write_text
 from .templates import IMAGE_TAG, message_text
 
 ImageRef = Union[str, Image.Image]
@@ -260,19 +260,7 @@ def write_llava_json(samples: Iterable[Sample], path: str | os.PathLike,
         text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
     else:
         text = json.dumps(entries, ensure_ascii=False, indent=1) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_text(path, text)
 
 
 # ------------------------------------------------------------------------------------- chat messages

@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import CheckpointError
+from ..fileio import atomic_write_bytes
 from ..paths import cache_dir as user_cache_dir
 from . import locate
 
@@ -547,8 +548,5 @@ def trained_weights() -> Path | None:
     data = packed.read_bytes()
     out = cache_dir() / "default-trained" / f"{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
     if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(gzip.decompress(data))
-        os.replace(tmp, out)
+        atomic_write_bytes(out, gzip.decompress(data))
     return out

@@ -83,7 +83,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +94,7 @@ from torch import Tensor, nn
 
 from ..compression.base import LayerState, check_params, register
 from ..errors import InputError
+from ..fileio import atomic_write_text
 from ..layers.attention import attention_rows, causal_padding_mask, sdpa
 from ..layers.rope import apply_rope
 
@@ -820,18 +820,7 @@ def calibrate(vlm, samples: Iterable[Any], tau: float = 0.1, n: int = 100) -> di
 def save_heads(table: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write a calibration dict as JSON atomically (temp file in the same folder + os.replace)."""
     _check_table(table, "table")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(dict(table), f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_text(path, json.dumps(dict(table), indent=1))
 
 
 def load_heads(path: str | os.PathLike) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, InputError
+from ..fileio import atomic_path
 
 TRAINED = "trained.safetensors"  # a training run's weights file in its out_dir
 
@@ -94,8 +95,6 @@ def compact_trained(src: str | Path, dst: str | Path) -> Path:
     default's form, unpacked by `llavakit.default.build.trained_weights`). Written to a temporary file
     and renamed, so `dst` is never half-written.
     """
-    import os
-
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -107,11 +106,10 @@ def compact_trained(src: str | Path, dst: str | Path) -> Path:
         state = {k: f.get_tensor(k) for k in f.keys()}
     half = ("lora.", "multi_modal_projector.", "visual_inject.")
     out = {k: (v.half() if k.startswith(half) and v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    tmp = dst.with_name(dst.name + ".tmp")
-    save_file(out, str(tmp), metadata=meta)
-    if dst.name.endswith(".gz"):
-        import gzip
+    with atomic_path(dst) as tmp:
+        save_file(out, str(tmp), metadata=meta)
+        if dst.name.endswith(".gz"):
+            import gzip
 
-        tmp.write_bytes(gzip.compress(tmp.read_bytes(), mtime=0))  # mtime 0: the same bytes on every run
-    os.replace(tmp, dst)
+            tmp.write_bytes(gzip.compress(tmp.read_bytes(), mtime=0))  # mtime 0: the same bytes on every run
     return dst

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import InputError
+from ..fileio import atomic_path
 
 NAME = "checkpoint.pt"
 
@@ -29,13 +29,8 @@ def fingerprint(model_config: dict[str, Any], recipe: dict[str, Any]) -> str:
 
 
 def save(out_dir: Path, state: dict[str, Any]) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{NAME}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_dir / NAME)
+    with atomic_path(out_dir / NAME) as tmp:
+        torch.save(state, tmp)
     return out_dir / NAME
 
 

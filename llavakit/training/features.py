@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +27,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..errors import InputError
+from ..fileio import atomic_path, atomic_write_text
 from .data import ImageGroup
 
 SHARD = 512
@@ -94,14 +94,11 @@ class FeatureCache:
                     pv = processor(text=["<image>"] * len(imgs), images=imgs)["pixel_values"]
                     chunks.append(model._select(pv.to(model.multi_modal_projector.linear_1.weight.dtype)).half())
                 name = f"features-{shard_id:04d}.safetensors"
-                tmp = self.root / (name + ".tmp")
-                save_file({"features": torch.cat(chunks).contiguous()}, str(tmp))
-                os.replace(tmp, self.root / name)
+                with atomic_path(self.root / name) as tmp:
+                    save_file({"features": torch.cat(chunks).contiguous()}, str(tmp))
                 for i, k in enumerate(keys):
                     index[k] = [shard_id, i]
-                tmp_index = self.root / "index.json.tmp"
-                tmp_index.write_text(json.dumps(index))
-                os.replace(tmp_index, index_file)
+                atomic_write_text(index_file, json.dumps(index))
                 shard_id += 1
         return index
 
@@ -120,9 +117,7 @@ class FeatureCache:
                                  f"wrong for this run; point LLAVAKIT_FEATURE_CACHE at another directory or "
                                  f"delete {self.root}")
             return
-        tmp = path.with_name(TOWER + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fp}))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({"fingerprint": fp}))
 
     def get(self, keys: Sequence[str]) -> Tensor:
         assert self.table is not None

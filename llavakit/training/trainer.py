@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from ..data.dataset import IGNORE_INDEX, TurnLabeler
 from ..errors import InputError, TrainingError
+from ..fileio import atomic_path, atomic_write_text
 from ..models.vlm import copy_feature_blocks, feature_block_map
 from . import checkpoint
 from .apply import TRAINED, trained_file
@@ -343,10 +344,10 @@ class Trainer:
             if self.rank == 0 and log_path.is_file():  # drop log lines past the checkpoint
                 keep = [x for x in log_path.read_text().splitlines() if x.strip()
                         and json.loads(x)["step"] <= self.step]
-                log_path.write_text("".join(x + "\n" for x in keep))
+                atomic_write_text(log_path, "".join(x + "\n" for x in keep))
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+            atomic_write_text(self.out / "config.json", json.dumps(cfg.to_dict(), indent=2, default=str))
         self.model.train()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.stage}", disable=self.rank != 0)
         t0, window, bad_run, skipped = time.perf_counter(), [], 0, 0
@@ -434,9 +435,8 @@ class Trainer:
         meta = {"lora": json.dumps(self.cfg.lora.__dict__ if self.cfg.lora else None, default=list),
                 "steps": str(self.step), "stage": self.cfg.stage,
                 "vision_feature_layer": json.dumps(list(self.model.config.feature_layers))}
-        tmp = path.with_suffix(".tmp")
-        save_file(out, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(out, str(tmp), metadata=meta)
         return path
 
 

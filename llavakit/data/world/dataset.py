@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -26,6 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from ...errors import InputError
+from ...fileio import atomic_path, atomic_write_bytes
 from .language import QA, caption, instructions
 from .render import render
 from .report import REPORT_LABELS, report_answer, report_question, sample_report_case
@@ -116,17 +116,6 @@ def train_samples(n: int, seed: int = 0, kind: str = "mixed", *, canvas: int = 2
         yield {"id": rec.id, "image": render(rec.scene), "conversations": rec.conversations()}
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, kind: str = "mixed", *, canvas: int = 224) -> Path:
     """Write `n` samples as PNGs under `out_dir/images/` and a LLaVA JSON list; return the JSON's path.
 
@@ -142,9 +131,10 @@ def write_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, kind: str =
     for rec in train_records(n, seed, kind, canvas=canvas):
         rel = f"images/{rec.id}.png"
         img = render(rec.scene)
-        _atomic_write(out / rel, lambda f, img=img: img.save(f, format="PNG"))
+        with atomic_path(out / rel) as tmp:
+            img.save(tmp, format="PNG")
         entries.append({"id": rec.id, "image": rel, "conversations": rec.conversations()})
     path = out / f"world-{kind}-s{seed}-n{n}.json"
     payload = json.dumps(entries, indent=1).encode()
-    _atomic_write(path, lambda f: f.write(payload))
+    atomic_write_bytes(path, payload)
     return path

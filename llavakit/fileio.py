@@ -1,0 +1,66 @@
+"""Crash-safe file writes: a file llavakit writes is either the old one or the whole new one.
+
+Every writer in llavakit (weights, checkpoints, feature caches, schedules, calibration tables, datasets)
+goes through `atomic_path`: the bytes go to a uniquely named temp file in the destination's folder (same
+file system, so the final `os.replace` is atomic), are flushed to disk, and only then replace the
+destination. On any error, Ctrl-C included, the temp file is removed and the destination is untouched.
+Unique temp names (not a fixed ``<name>.tmp``) let two processes write the same destination without
+writing into each other's temp file; the last replace wins, whole. A new file gets the permissions a
+plain `open` would give it; a replaced one keeps its own.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path next to `path`; on a clean exit fsync it and `os.replace` it onto `path`.
+
+    The caller writes the whole file to the yielded path (by name: safetensors' `save_file`,
+    `torch.save`, `Path.write_text`, ...). The folder is created if missing.
+    """
+    dst = Path(path)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _mode_for(dst))
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _mode_for(dst: Path) -> int:
+    """The replaced file's permissions, or what a plain `open(dst, "w")` would give (0o666 minus the
+    umask): the temp file is created 0o600, and so are the files safetensors writes."""
+    try:
+        return dst.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
