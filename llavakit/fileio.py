@@ -1,12 +1,14 @@
-"""Crash-safe file writes: a file llavakit writes is either the old one or the whole new one.
+"""Crash-safe file writes: a file written here is either the old one or the whole new one.
 
-Every writer in llavakit (weights, checkpoints, feature caches, schedules, calibration tables, datasets)
-goes through `atomic_path`: the bytes go to a uniquely named temp file in the destination's folder (same
-file system, so the final `os.replace` is atomic), are flushed to disk, and only then replace the
-destination. On any error, Ctrl-C included, the temp file is removed and the destination is untouched.
-Unique temp names (not a fixed ``<name>.tmp``) let two processes write the same destination without
-writing into each other's temp file; the last replace wins, whole. A new file gets the permissions a
-plain `open` would give it; a replaced one keeps its own.
+The writers of files a later run reads (trained weights, checkpoints, feature caches, schedules, YOPO
+calibration tables, datasets, HF configs) go through `atomic_path`; eval reports are written in place,
+and `save_pretrained` / the default build rename whole temp directories instead. In `atomic_path` the
+bytes go to a uniquely named temp file in the destination's folder (same file system, so the final
+`os.replace` is atomic), are flushed to disk, and only then replace the destination. On any error,
+Ctrl-C included, the temp file is removed and the destination is untouched. Unique temp names (not a
+fixed ``<name>.tmp``) let two processes write the same destination without writing into each other's
+temp file; the last replace wins, whole. A new file gets the permissions a plain `open` would give it
+(0o666 minus the umask); a replaced one keeps its own.
 """
 
 from __future__ import annotations
@@ -47,9 +49,22 @@ def _mode_for(dst: Path) -> int:
     try:
         return dst.stat().st_mode & 0o777
     except FileNotFoundError:
-        mask = os.umask(0)
-        os.umask(mask)
-        return 0o666 & ~mask
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (/proc/self/status). Elsewhere
+    it is set and restored, and a thread creating a file between the two calls would get mode 0o666."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

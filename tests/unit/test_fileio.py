@@ -59,3 +59,16 @@ def test_permissions_follow_umask_or_the_replaced_file(tmp_path):
         assert kept.stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_umask_is_read_without_changing_it():
+    import os
+
+    from llavakit.fileio import _umask
+
+    old = os.umask(0o027)
+    try:
+        assert _umask() == 0o027
+        assert os.umask(0o027) == 0o027  # still set
+    finally:
+        os.umask(old)
