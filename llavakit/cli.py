@@ -152,10 +152,10 @@ def cmd_chat(model: str, image: str | None, max_new_tokens: int, temperature: fl
     return run(load(model, compression=compression), image, max_new_tokens=max_new_tokens, temperature=temperature)
 
 
-def cmd_train(config: str, resume: bool, steps: int | None, out_dir: str | None) -> int:
+def cmd_train(config: str, resume: bool, steps: int | None, out_dir: str | None, seed: int | None = None) -> int:
     from .training.trainer import train
 
-    overrides = {k: v for k, v in (("steps", steps), ("out_dir", out_dir)) if v is not None}
+    overrides = {k: v for k, v in (("steps", steps), ("out_dir", out_dir), ("seed", seed)) if v is not None}
     out = train(config, resume=resume, overrides=overrides)
     print(f"trained weights: {out / 'trained.safetensors'}  (loss log: {out / 'loss.jsonl'}, plot: {out / 'loss.png'})")
     return 0
@@ -249,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in out_dir")
     t.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
     t.add_argument("--out-dir", default=None, help="override the recipe's out_dir")
-    t.set_defaults(fn=lambda a: cmd_train(a.config, a.resume, a.steps, a.out_dir))
+    t.add_argument("--seed", type=int, default=None,
+                   help="override the recipe's training seed (LoRA initialisation, batch order): a seed study "
+                        "of one recipe; give each seed its own --out-dir")
+    t.set_defaults(fn=lambda a: cmd_train(a.config, a.resume, a.steps, a.out_dir, a.seed))
 
     e = sub.add_parser("eval", help="evaluate on benchmark tasks (accuracy, baselines, cost, speed)",
                        description="Evaluate a model on registered tasks; write results.json, report.md and "

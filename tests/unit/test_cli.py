@@ -126,3 +126,21 @@ def test_compression_flag_on_info_generate_and_chat(model_dir, tmp_path, capsys)
         assert main([verb[0], "--model", str(model_dir), "--compression", "nosuch:keep=2", *verb[1:]]) == 2
         err = capsys.readouterr().err
         assert "nosuch" in err and "fastervlm" in err
+
+
+def test_train_overrides_reach_the_recipe(monkeypatch, tmp_path):
+    """--steps / --out-dir / --seed override the recipe's fields (a seed study of one recipe needs no copy)."""
+    import llavakit.training.trainer as trainer
+
+    seen = {}
+
+    def fake_train(config, resume=False, overrides=None):
+        seen.update(config=config, resume=resume, overrides=overrides)
+        return tmp_path
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    assert main(["train", "recipes/default-yopo6.yaml", "--seed", "21", "--out-dir", "/tmp/s21"]) == 0
+    assert seen == {"config": "recipes/default-yopo6.yaml", "resume": False,
+                    "overrides": {"out_dir": "/tmp/s21", "seed": 21}}
+    main(["train", "recipes/default-yopo6.yaml"])
+    assert seen["overrides"] == {}
