@@ -1,7 +1,7 @@
 """Crash-safe file writes: a file written here is either the old one or the whole new one.
 
 The writers of files a later run reads (trained weights, checkpoints, feature caches, schedules, YOPO
-calibration tables, datasets, HF configs) go through `atomic_path`; eval reports are written in place,
+calibration tables, datasets, HF configs, eval reports) go through `atomic_path`; plots are written in place,
 and `save_pretrained` / the default build rename whole temp directories instead. In `atomic_path` the
 bytes go to a uniquely named temp file in the destination's folder (same file system, so the final
 `os.replace` is atomic), are flushed to disk, and only then replace the destination. On any error,

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import InputError
+from ..fileio import atomic_write_text
 from .harness import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, evaluate, resolve_tasks
 
 REFERENCE = "none"
@@ -383,12 +384,10 @@ def write_grid(grid: GridResult, out_dir: str | Path, vlm: Any = None) -> dict[s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "grid.json", "markdown": out / "grid.md", "predictions": out / "grid_predictions.jsonl"}
-    paths["json"].write_text(json.dumps(grid.to_dict(), indent=2) + "\n")
-    paths["markdown"].write_text(markdown_report(grid))
-    with paths["predictions"].open("w") as f:
-        for label, preds in grid.predictions.items():
-            for p in preds:
-                f.write(json.dumps({"config": label, **p}) + "\n")
+    atomic_write_text(paths["json"], json.dumps(grid.to_dict(), indent=2) + "\n")
+    atomic_write_text(paths["markdown"], markdown_report(grid))
+    atomic_write_text(paths["predictions"], "".join(json.dumps({"config": label, **p}) + "\n"
+                                                    for label, preds in grid.predictions.items() for p in preds))
     paths.update(plot_pareto(grid, out))
     if vlm is not None:
         from .kept_tokens import plot_kept_tokens

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_write_text
 from .harness import EvalResults, TaskResult
 
 DASH = "—"
@@ -116,12 +117,11 @@ def write_report(results: EvalResults, out_dir: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "report.md", "plot": out / "accuracy.png",
              "predictions": out / "predictions.jsonl"}
-    paths["json"].write_text(json.dumps(results.to_dict(), indent=2, default=_json_default) + "\n")
-    paths["markdown"].write_text(markdown_report(results))
+    atomic_write_text(paths["json"], json.dumps(results.to_dict(), indent=2, default=_json_default) + "\n")
+    atomic_write_text(paths["markdown"], markdown_report(results))
     plot_accuracy(results, paths["plot"])
-    with paths["predictions"].open("w") as f:
-        for rec in results.predictions:
-            f.write(json.dumps(rec, default=_json_default) + "\n")
+    atomic_write_text(paths["predictions"],
+                      "".join(json.dumps(rec, default=_json_default) + "\n" for rec in results.predictions))
     return paths
 
 
