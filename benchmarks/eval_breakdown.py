@@ -13,11 +13,14 @@ Prints, for the tasks present:
   baseline that control is read against.
 These are the breakdown rows of docs/default-model-training.md's stage tables. With `--against`, it
 prints instead how many items two runs of the same items answer alike (per task and in all), and per task
-the accuracy difference with its 95 % interval over the items drawn (`paired`).
+the accuracy difference with its 95 % interval over the items drawn (`paired`). `--config LABEL` reads a
+compression grid's grid_predictions.jsonl (benchmarks/compression.py), keeping that configuration's rows.
 
     python benchmarks/eval_breakdown.py docs/eval/default-position2-200-world360/predictions.jsonl
     python benchmarks/eval_breakdown.py docs/eval/default-shipped-check3-world360/predictions.jsonl \
         --against docs/eval/default-check3-300-world360/predictions.jsonl
+    python benchmarks/eval_breakdown.py docs/compression/stageI3-world/grid_predictions.jsonl \
+        --config fastervlm:pos=original@0.1
 """
 
 from __future__ import annotations
@@ -230,9 +233,30 @@ def paired(rows: list[dict], other: list[dict]) -> dict[str, dict]:
     return out
 
 
+def for_config(rows: list[dict], config: str) -> list[dict]:
+    """The rows of one configuration of a compression grid's grid_predictions.jsonl (its "config" label,
+    e.g. "fastervlm:pos=original@0.1"); a clear error naming the labels present when there is none."""
+    mine = [r for r in rows if r.get("config") == config]
+    if not mine:
+        labels = sorted({str(r["config"]) for r in rows if "config" in r})
+        raise SystemExit(f"eval_breakdown: no rows with config {config!r}; "
+                         + (f"present: {', '.join(labels)}" if labels else "the file has no config labels"))
+    return mine
+
+
 def main(argv: list[str]) -> int:
+    argv = list(argv)
+    config = None
+    if "--config" in argv:  # a grid's file: keep one configuration's rows (both files with --against)
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            print(__doc__)
+            return 2
+        config = argv[i + 1]
+        del argv[i:i + 2]
+    load = _rows if config is None else (lambda path: for_config(_rows(path), config))
     if len(argv) == 3 and argv[1] == "--against":
-        rows, other = _rows(argv[0]), _rows(argv[2])
+        rows, other = load(argv[0]), load(argv[2])
         pairs = agreement(rows, other)
         for task, (n, same) in pairs.items():
             print(f"{task}: the same answer on {same} of {n} items")
@@ -246,7 +270,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(__doc__)
         return 2
-    rows = _rows(argv[0])
+    rows = load(argv[0])
     tasks = {r["task"] for r in rows}
     if "world-position" in tasks:
         p = position(rows)

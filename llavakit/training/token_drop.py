@@ -18,7 +18,9 @@ Result so far (stage F, recipes/default-dropout.yaml, 200 steps): the model did 
 object's patches and lost yes/no and count accuracy; not shipped (docs/default-model-training.md).
 From stage I3 with a 30 % drop share (recipes/default-fasterdrop.yaml, 2026-12-04) it answers better under
 FasterVLM at every budget and stays within 1 point uncompressed on the world tasks (count on 1,000 items),
-but loses 1.5 on easy-vqa; not shipped either (docs/compression/README.md).
+but loses 1.5 on easy-vqa; not shipped either (docs/compression/README.md). A 40 % share with more position
+questions (recipes/default-fasterdrop2.yaml, 2026-12-05) lifts world-position under FasterVLM at keep 10 % from
+46 to 72 % (the column is what the model had lost) and loses 2.8 on easy-vqa (yes/no); not shipped.
 
 How: tokens are not removed, they are masked as keys (the attention mask of `packing.block_mask`), so
 every kept token keeps its original position id — the `pos=original` convention of

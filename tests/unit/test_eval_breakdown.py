@@ -149,3 +149,26 @@ def test_paired_difference_matches_items_by_id_and_scores_items_over_rounds(tmp_
     out = capsys.readouterr().out
     assert "t (n=4): 62.5 % vs 75.0 %, difference -12.5 +- " in out
     assert "right only in the first 1, only in the second 2" in out
+
+
+def test_config_keeps_one_grid_configuration(tmp_path, capsys):
+    import pytest
+
+    mod = _module()
+    rows = [
+        {"config": "none", "task": "world-position", "id": "a", "answer": "top right", "prediction": "top right",
+         "score": 1.0},
+        {"config": "fastervlm@0.1", "task": "world-position", "id": "a", "answer": "top right",
+         "prediction": "top left", "score": 0.0},  # right row, wrong column
+    ]
+    f = tmp_path / "grid_predictions.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert mod.main([str(f), "--config", "fastervlm@0.1"]) == 0
+    assert "row 100.0 %, column 0.0 %" in capsys.readouterr().out
+    assert mod.main([str(f), "--config", "none"]) == 0
+    assert "row 100.0 %, column 100.0 %" in capsys.readouterr().out
+    assert mod.main(["--config", "fastervlm@0.1", str(f), "--against", str(f)]) == 0
+    assert "difference +0.0" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="present: fastervlm@0.1, none"):
+        mod.main([str(f), "--config", "fastv@0.1"])
+    assert mod.main([str(f), "--config"]) == 2
