@@ -8,9 +8,9 @@ Prints, for the tasks present:
 - world-report-simple / -complex: accuracy per corruption (none / insert / remove / substitute) and per
   number of statements in the report;
 - easyvqa: accuracy on colour / shape / yes-no questions, with the shuffled-image score when the run
-  had `--shuffled-control`, the (gold, predicted) pairs of the colour and shape misses, the yes/no
-  accuracy by the colour or shape the question names (`easyvqa_yesno_by_word`), and the question-conditional answer prior (`easyvqa_prior`), the blind
-  baseline that control is read against.
+  had `--shuffled-control`, the (gold, predicted) pairs of the colour and shape misses and of the yes/no
+  misses, the yes/no accuracy by the colour or shape the question names (`easyvqa_yesno_by_word`), and
+  the question-conditional answer prior (`easyvqa_prior`), the blind baseline that control is read against.
 These are the breakdown rows of docs/default-model-training.md's stage tables. With `--against`, it
 prints instead how many items two runs of the same items answer alike (per task and in all), and per task
 the accuracy difference with its 95 % interval over the items drawn (`paired`). `--config LABEL` reads a
@@ -129,13 +129,14 @@ def easyvqa(rows: list[dict]) -> dict:
     return out
 
 
-def easyvqa_misses(rows: list[dict]) -> Counter:
-    """Counter[(gold, predicted)] of the easy-vqa colour and shape questions answered wrong."""
+def easyvqa_misses(rows: list[dict], yes_no: bool = False) -> Counter:
+    """Counter[(gold, predicted)] of the easy-vqa colour and shape questions answered wrong (with `yes_no`:
+    of the yes/no questions answered wrong, e.g. a "no" bias shows as many ("yes", "no"))."""
     from llavakit.data.easyvqa import answer_kind
     from llavakit.eval.scoring import normalize
 
     return Counter((r["answer"], normalize(r["prediction"])) for r in rows
-                   if r["task"] == "easyvqa" and answer_kind(r["answer"]) != "yes/no" and r["score"] < 1)
+                   if r["task"] == "easyvqa" and (answer_kind(r["answer"]) == "yes/no") == yes_no and r["score"] < 1)
 
 
 def easyvqa_yesno_by_word(rows: list[dict]) -> dict[str, tuple[int, float]]:
@@ -293,6 +294,8 @@ def main(argv: list[str]) -> int:
             print(f"easyvqa {kind} (n={n}): {acc:.1f} %" + ("" if sh is None else f" (shuffled image {sh:.1f} %)"))
         for (g, pr), k in sorted(easyvqa_misses(rows).items()):
             print(f"  {g!r} -> {pr!r}: {k}")
+        if yn := easyvqa_misses(rows, yes_no=True):
+            print("easyvqa yes/no misses: " + ", ".join(f"{g!r} -> {pr!r}: {k}" for (g, pr), k in sorted(yn.items())))
         if by_word := easyvqa_yesno_by_word(rows):
             print("easyvqa yes/no by the word asked about: "
                   + ", ".join(f"{w} {a:.1f} % (n={n})" for w, (n, a) in by_word.items()))

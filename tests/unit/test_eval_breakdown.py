@@ -30,6 +30,8 @@ def test_breakdown_splits_position_count_and_easyvqa(tmp_path, capsys):
     assert c["per_count"] == {"3": (2, 50.0)} and c["misses"] == {("3", "4"): 1}
     assert mod.easyvqa(rows) == {"colour": (1, 100.0, 0.0), "shape": (1, 0.0, 100.0), "yes/no": (1, 100.0, 100.0)}
     assert mod.easyvqa_misses(rows) == {("circle", "square"): 1}  # open questions only, misses only
+    assert mod.easyvqa_misses(rows + [{"task": "easyvqa", "answer": "yes", "prediction": "No.", "score": 0.0}],
+                              yes_no=True) == {("yes", "no"): 1}  # yes/no questions only, misses only
     f = tmp_path / "predictions.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert mod.main([str(f)]) == 0
