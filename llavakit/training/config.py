@@ -35,6 +35,8 @@ class DataSource:
     image_root: str | None = None
     questions_per_image: int = 8  # packing: questions sharing one image's tokens in one sequence
     yes_no: str = "all"  # easyvqa: "balanced" drops majority-answer yes/no questions per question template
+    # this source's chance per sequence of hiding visual tokens; None: the recipe's `visual_token_drop`
+    visual_token_drop: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
@@ -47,6 +49,10 @@ class DataSource:
             raise InputError(f"yes_no applies to easyvqa data only, not {self.kind!r}")
         if self.kind == "llava-json" and not self.path:
             raise InputError("a llava-json data source needs `path`")
+        if self.visual_token_drop is not None and not (
+                isinstance(self.visual_token_drop, (int, float)) and 0.0 <= self.visual_token_drop <= 1.0):
+            raise InputError(f"data source {self.kind}: visual_token_drop must be a probability in [0, 1], "
+                             f"got {self.visual_token_drop}")
 
 
 @dataclass(frozen=True)
@@ -140,9 +146,18 @@ class TrainConfig:
             parse_yopo(self.yopo)  # a bad spec fails with the recipe, before any model is built
             if self.stage != "instruct":
                 raise InputError("yopo trains the LM under YOPO's pruning: use stage instruct (LoRA or language_model)")
-            if self.visual_token_drop > 0:
+            if self.token_drop_on:
                 raise InputError("yopo and visual_token_drop cannot train together (YOPO's window replaces the "
                                  "visual-to-visual mask that token drop writes); use one of them")
+
+    def token_drop(self, src: DataSource) -> float:
+        """The chance that a sequence of `src` has visual tokens hidden: its own, else the recipe's."""
+        return self.visual_token_drop if src.visual_token_drop is None else src.visual_token_drop
+
+    @property
+    def token_drop_on(self) -> bool:
+        """Whether any data source's sequences can have visual tokens hidden."""
+        return any(self.token_drop(src) > 0 for src in self.data)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "TrainConfig":

@@ -21,6 +21,8 @@ FasterVLM at every budget and stays within 1 point uncompressed on the world tas
 but loses 1.5 on easy-vqa; not shipped either (docs/compression/README.md). A 40 % share with more position
 questions (recipes/default-fasterdrop2.yaml, 2026-12-05) lifts world-position under FasterVLM at keep 10 % from
 46 to 72 % (the column is what the model had lost) and loses 2.8 on easy-vqa (yes/no); not shipped.
+A data source may set its own chance (`DataSource.visual_token_drop`, e.g. 0 for easy-vqa in
+recipes/default-fasterdrop3.yaml), so the chance is per sequence: `prob` takes one value per row.
 
 How: tokens are not removed, they are masked as keys (the attention mask of `packing.block_mask`), so
 every kept token keeps its original position id — the `pos=original` convention of
@@ -36,7 +38,7 @@ probability, the uniform keep-share draw, masking instead of removing — is our
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -66,14 +68,15 @@ def cls_scores(model, processor, images) -> Tensor:
     return a[:, 1:].clone()  # (B, T): drop the [CLS] column
 
 
-def drop_visual_tokens(mask: Tensor, image_mask: Tensor, prob: float, keep: tuple[float, float],
+def drop_visual_tokens(mask: Tensor, image_mask: Tensor, prob: float | Sequence[float], keep: tuple[float, float],
                        generator: torch.Generator,
                        scores: Tensor | Callable[[list[int]], Tensor] | None = None) -> Tensor:
     """Hide visual tokens as attention keys.
 
     mask: bool (B, 1, T, T), True = query may attend to key (`block_mask`'s output; not modified).
     image_mask: bool (B, T), True at the image tokens of each packed sequence.
-    prob: chance that a sequence's image is dropped from at all; keep: (low, high) range of the share
+    prob: chance that a sequence's image is dropped from at all, one for all sequences or one per sequence
+    (B values: a recipe can hide tokens in some data sources only); keep: (low, high) range of the share
     of its visual tokens that stay visible, drawn uniformly per sequence (at least one token stays).
     scores: optional (B, N) per-image-token score; the top-k tokens by it stay visible (ties toward
     the lower index), instead of a uniform random subset. It may also be a function of the dropped
@@ -83,16 +86,20 @@ def drop_visual_tokens(mask: Tensor, image_mask: Tensor, prob: float, keep: tupl
     Returns a new mask in which, for each chosen sequence, the hidden image tokens are keys for no
     query but themselves.
     """
-    if not 0.0 <= prob <= 1.0:
-        raise ValueError(f"visual token drop probability must be in [0, 1], got {prob}")
+    b = image_mask.shape[0]
+    probs = [float(prob)] * b if isinstance(prob, (int, float)) else [float(p) for p in prob]
+    if len(probs) != b:
+        raise ValueError(f"{len(probs)} visual token drop probabilities for {b} sequences")
+    for p in probs:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"visual token drop probability must be in [0, 1], got {p}")
     lo, hi = keep
     if not 0.0 < lo <= hi <= 1.0:
         raise ValueError(f"visual token keep range must satisfy 0 < low <= high <= 1, got {keep}")
     out = mask.clone()
-    b = image_mask.shape[0]
     plan: list[tuple[int, Tensor, int, Tensor | None]] = []  # (row, image positions, k, random order)
     for i in range(b):
-        if float(torch.rand((), generator=generator)) >= prob:
+        if float(torch.rand((), generator=generator)) >= probs[i]:  # drawn for every row, whatever its chance
             continue
         idx = image_mask[i].nonzero().flatten()  # (N,) positions of the image tokens
         n = idx.numel()

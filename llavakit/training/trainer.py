@@ -115,7 +115,7 @@ class Trainer:
         model = self.model = self.vlm.model
         if not model.config.has_vision:
             raise InputError("training recipes need a vision-language model")
-        if cfg.visual_token_drop > 0 and cfg.visual_token_select == "cls" and not (
+        if cfg.token_drop_on and cfg.visual_token_select == "cls" and not (
                 model.vision_tower.has_cls and model.config.vision_feature_select_strategy == "default"):
             raise InputError("visual_token_select: cls needs a vision tower with a [CLS] token and the 'default' "
                              f"feature selection ({model.config.vision.family}, "
@@ -140,6 +140,7 @@ class Trainer:
         self.resume_state = None if resume is None else self._check_out_dir(resume)
         self.ds = TurnLabeler(self.vlm.processor)
         self.groups: list[ImageGroup] = []
+        self.drop_of: dict[str, float] = {}  # image key -> its source's visual-token drop chance
         sources = []
         for src in cfg.data:
             g = build_groups(src)
@@ -147,6 +148,10 @@ class Trainer:
                 raise InputError(f"data source {src.kind} produced no samples")
             sources.append((g, src.weight))
             self.groups += g
+            for key in {grp.key for grp in g}:
+                if self.drop_of.setdefault(key, cfg.token_drop(src)) != cfg.token_drop(src):
+                    raise InputError(f"image {key} is in two data sources with different visual_token_drop "
+                                     f"({self.drop_of[key]} and {cfg.token_drop(src)}); give them the same one")
         per_step = cfg.batch_size * cfg.grad_accum * self.world
         self.order = mix(sources, cfg.steps * per_step, cfg.seed)
         self.n_image_tokens = model.num_image_tokens()
@@ -307,14 +312,14 @@ class Trainer:
         emb = lm.embed(ids.masked_fill(img_mask, 0))
         emb = emb.masked_scatter(img_mask[..., None], img.reshape(-1, img.shape[-1]).to(emb.dtype))
         mask = block_mask(batch["block_ids"], batch["valid"])  # (B, 1, T, T)
-        if self.cfg.visual_token_drop > 0:
+        if self.cfg.token_drop_on:
             gen = step_generator(self.cfg.seed, where[0], where[1], self.rank)
+            probs = [self.drop_of[g.key] for g in groups]
             scores = None
             if self.cfg.visual_token_select == "cls":  # one extra vision pass per dropped image (not cached)
                 def scores(rows: list[int]) -> Tensor:  # (len(rows), N)
                     return cls_scores(model, self.vlm.processor, [groups[r].load() for r in rows])
-            mask = drop_visual_tokens(mask, img_mask, self.cfg.visual_token_drop, self.cfg.visual_token_keep, gen,
-                                      scores)
+            mask = drop_visual_tokens(mask, img_mask, probs, self.cfg.visual_token_keep, gen, scores)
         # bf16: autocast of the LM matmuls (5x the fp32 matmul rate on AVX512-BF16 CPUs); the loss is fp32
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
             if self.yopo is not None:  # YOPO's pruning in masked form (training/yopo_train.py)

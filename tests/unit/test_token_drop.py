@@ -93,3 +93,37 @@ def test_config_reads_drop_settings():
     cfg = TrainConfig.from_dict({"data": [{"kind": "world-qa", "n": 2}], "visual_token_drop": 0.5,
                                  "visual_token_keep": [0.1, 0.4]})
     assert cfg.visual_token_drop == 0.5 and cfg.visual_token_keep == (0.1, 0.4)
+
+
+def test_per_sequence_chances_hide_only_where_asked_with_the_same_draws():
+    mask, image = _batch(b=4)
+    gen = lambda: step_generator(4, 1, 0, 0)  # noqa: E731
+    one = drop_visual_tokens(mask, image, 1.0, (0.2, 0.2), gen())
+    same = drop_visual_tokens(mask, image, [1.0] * 4, (0.2, 0.2), gen())
+    assert torch.equal(one, same)  # a list of equal chances is the scalar
+    some = drop_visual_tokens(mask, image, [1.0, 0.0, 1.0, 0.0], (0.2, 0.2), gen())
+    seen = some[:, 0, -1][image].view(4, -1).sum(1)  # (B,) image tokens the last text token sees
+    assert seen.tolist() == [4, 20, 4, 20]
+    assert torch.equal(some[1], mask[1]) and torch.equal(some[3], mask[3])
+    assert torch.equal(some[0], one[0])  # a row's draw comes before the next row's, whatever the chances
+    with pytest.raises(ValueError, match="3 visual token drop probabilities for 4 sequences"):
+        drop_visual_tokens(mask, image, [1.0, 0.0, 1.0], (0.2, 0.2), gen())
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        drop_visual_tokens(mask, image, [1.0, 0.0, 1.5, 0.0], (0.2, 0.2), gen())
+
+
+def test_a_data_source_sets_its_own_drop_chance():
+    cfg = TrainConfig.from_dict({"data": [{"kind": "world-qa", "n": 2},
+                                          {"kind": "easyvqa", "n": 2, "visual_token_drop": 0.0}],
+                                 "visual_token_drop": 0.4})
+    assert [cfg.token_drop(s) for s in cfg.data] == [0.4, 0.0] and cfg.token_drop_on
+    only = TrainConfig.from_dict({"data": [{"kind": "world-qa", "n": 2, "visual_token_drop": 0.5}]})
+    assert only.visual_token_drop == 0.0 and only.token_drop(only.data[0]) == 0.5 and only.token_drop_on
+    off = TrainConfig.from_dict({"data": [{"kind": "world-qa", "n": 2, "visual_token_drop": 0.0}],
+                                 "visual_token_drop": 0.0})
+    assert not off.token_drop_on
+    with pytest.raises(InputError, match="data source world-qa: visual_token_drop must be a probability"):
+        TrainConfig.from_dict({"data": [{"kind": "world-qa", "n": 2, "visual_token_drop": -0.1}]})
+    with pytest.raises(InputError, match="cannot train together"):
+        TrainConfig.from_dict({"data": [{"kind": "world-qa", "n": 2, "visual_token_drop": 0.5}],
+                               "stage": "instruct", "yopo": "yopo:window=3"})

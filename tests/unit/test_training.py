@@ -454,6 +454,29 @@ def test_visual_token_drop_changes_the_loss_and_resumes_identically(tiny, tmp_pa
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+def test_a_source_without_token_drop_trains_as_plain(tiny, tmp_path):
+    """A data source with its own `visual_token_drop: 0` is never hidden from, inside a recipe that hides
+    tokens in every other source's sequences; one image in two sources with different chances is refused."""
+    data = [{"kind": "world-instruction", "n": 4, "visual_token_drop": 0.0},
+            {"kind": "world-report", "n": 6, "weight": 0.5}]
+    kw = {"visual_token_drop": 1.0, "visual_token_keep": [0.2, 0.4]}
+    for d in "pmx":
+        (tmp_path / d).mkdir()
+    plain = Trainer(TrainConfig.from_dict(yaml.safe_load(_recipe(tmp_path / "p", tiny).read_text())))
+    mixed = Trainer(TrainConfig.from_dict(yaml.safe_load(_recipe(tmp_path / "m", tiny, data=data, **kw).read_text())))
+    plain.setup()
+    mixed.setup()
+    kept = [g for g in plain.groups if g.key.startswith("world-instruction")][:2]
+    hidden = [g for g in plain.groups if g.key.startswith("world-report")][:2]
+    with torch.no_grad():
+        assert float(mixed.loss(kept, (0, 0))) == float(plain.loss(kept, (0, 0)))
+        assert float(mixed.loss(hidden, (0, 0))) != float(plain.loss(hidden, (0, 0)))
+    twice = [{"kind": "world-report", "n": 2}, {"kind": "world-report", "n": 2, "visual_token_drop": 0.0}]
+    clash = Trainer(TrainConfig.from_dict(yaml.safe_load(_recipe(tmp_path / "x", tiny, data=twice, **kw).read_text())))
+    with pytest.raises(InputError, match="world-report:0:0 is in two data sources with different visual_token_drop"):
+        clash.setup()
+
+
 def test_resume_refuses_other_model(tiny, tmp_path, monkeypatch):
     recipe = _recipe(tmp_path, tiny, steps=2)
     train(recipe)
