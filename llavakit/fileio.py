@@ -1,8 +1,8 @@
 """Crash-safe file writes: a file written here is either the old one or the whole new one.
 
 The writers of files a later run reads (trained weights, checkpoints, feature caches, schedules, YOPO
-calibration tables, datasets, HF configs, eval reports) go through `atomic_path`; plots are written in place,
-and `save_pretrained` / the default build rename whole temp directories instead. In `atomic_path` the
+calibration tables, datasets, HF configs, eval reports, plots via `save_figure`) go through `atomic_path`;
+`save_pretrained` / the default build rename whole temp directories instead. In `atomic_path` the
 bytes go to a uniquely named temp file in the destination's folder (same file system, so the final
 `os.replace` is atomic), are flushed to disk, and only then replace the destination. On any error,
 Ctrl-C included, the temp file is removed and the destination is untouched. Unique temp names (not a
@@ -17,7 +17,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 @contextmanager
@@ -41,6 +41,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
+    """Save a matplotlib figure through `atomic_path`: an interrupted save leaves the old plot whole.
+    The format comes from `path`'s suffix (the temp file's name has none of its own); `kwargs` go to
+    `fig.savefig` (dpi, ...)."""
+    dst = Path(path)
+    with atomic_path(dst) as tmp:
+        fig.savefig(tmp, format=dst.suffix.lstrip(".").lower() or "png", **kwargs)
+    return dst
 
 
 def _mode_for(dst: Path) -> int:

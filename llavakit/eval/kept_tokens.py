@@ -26,6 +26,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from ..fileio import save_figure
+
 DEFAULT_PROMPT = "Describe the image."
 SAMPLE = Path(__file__).resolve().parent.parent / "assets" / "sample.png"
 
@@ -128,7 +130,4 @@ def plot_kept_tokens(vlm: Any, image: Any, methods: Sequence[str], keep: float, 
         lines.append(f"not shown (KV-cache policy only, evicts after prefill): {', '.join(skipped)}")
     fig.suptitle("\n".join(lines), fontsize=7)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.06 * len(lines)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)

@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..fileio import save_figure
+
 AXES = {"pareto_tflops": ("tflops", "analytic TFLOPs per question"),
         "pareto_prefill": ("prefill_s", "measured prefill s (time to first token, per batch)")}
 
@@ -47,8 +49,7 @@ def _figure(panels: Sequence[tuple[str, Sequence[Any]]], key: str, xlabel: str, 
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
     fig.suptitle(f"accuracy vs {xlabel.split(' (')[0]} — {model}", fontsize=10)
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 def _panel(ax: Any, title: str, rows: Sequence[Any], key: str, xlabel: str) -> None:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, save_figure
 from .harness import EvalResults, TaskResult
 
 DASH = "—"
@@ -106,9 +106,7 @@ def plot_accuracy(results: EvalResults, path: str | Path) -> Path:
     ax.set_title(f"{Path(results.model).name or results.model}: per-task accuracy", pad=26)
     ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(results: EvalResults, out_dir: str | Path) -> dict[str, Path]:

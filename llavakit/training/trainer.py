@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from ..data.dataset import IGNORE_INDEX, TurnLabeler
 from ..errors import InputError, TrainingError
-from ..fileio import atomic_path, atomic_write_text
+from ..fileio import atomic_path, atomic_write_text, save_figure
 from ..models.vlm import copy_feature_blocks, feature_block_map
 from . import checkpoint
 from .apply import TRAINED, trained_file
@@ -460,7 +460,7 @@ def plot_loss(log_path: Path, out: Path) -> None:
     ax.set_ylabel("loss")
     ax.set_title(out.parent.name)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out, dpi=100)
     plt.close(fig)
 
 

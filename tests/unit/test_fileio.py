@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llavakit.fileio import atomic_path, atomic_write_bytes, atomic_write_text
+from llavakit.fileio import atomic_path, atomic_write_bytes, atomic_write_text, save_figure
 
 
 def test_write_replaces_whole_file_and_creates_folder(tmp_path):
@@ -72,3 +72,25 @@ def test_umask_is_read_without_changing_it():
         assert os.umask(0o027) == 0o027  # still set
     finally:
         os.umask(old)
+
+
+def test_save_figure_writes_the_suffix_format_and_keeps_the_old_plot_on_failure(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 2))
+    FigureCanvasAgg(fig)
+    fig.subplots().plot([0, 1], [1, 0])
+    png = save_figure(fig, tmp_path / "plots" / "a.png", dpi=50)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert save_figure(fig, tmp_path / "a.svg").read_text().lstrip().startswith("<?xml")
+    old = png.read_bytes()
+
+    class Broken:
+        def savefig(self, path, **kw):
+            open(path, "wb").write(b"half a plot")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_figure(Broken(), png)
+    assert png.read_bytes() == old and sorted(p.name for p in png.parent.iterdir()) == ["a.png"]
