@@ -49,8 +49,9 @@ class DataSource:
             raise InputError(f"yes_no applies to easyvqa data only, not {self.kind!r}")
         if self.kind == "llava-json" and not self.path:
             raise InputError("a llava-json data source needs `path`")
-        if self.visual_token_drop is not None and not (
-                isinstance(self.visual_token_drop, (int, float)) and 0.0 <= self.visual_token_drop <= 1.0):
+        drop = self.visual_token_drop
+        if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float))
+                                 or not 0.0 <= drop <= 1.0):  # YAML's yes / no is not a chance
             raise InputError(f"data source {self.kind}: visual_token_drop must be a probability in [0, 1], "
                              f"got {self.visual_token_drop}")
 

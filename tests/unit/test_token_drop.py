@@ -122,8 +122,9 @@ def test_a_data_source_sets_its_own_drop_chance():
     off = TrainConfig.from_dict({"data": [{"kind": "world-qa", "n": 2, "visual_token_drop": 0.0}],
                                  "visual_token_drop": 0.0})
     assert not off.token_drop_on
-    with pytest.raises(InputError, match="data source world-qa: visual_token_drop must be a probability"):
-        TrainConfig.from_dict({"data": [{"kind": "world-qa", "n": 2, "visual_token_drop": -0.1}]})
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(InputError, match="data source world-qa: visual_token_drop must be a probability"):
+            TrainConfig.from_dict({"data": [{"kind": "world-qa", "n": 2, "visual_token_drop": bad}]})
     with pytest.raises(InputError, match="cannot train together"):
         TrainConfig.from_dict({"data": [{"kind": "world-qa", "n": 2, "visual_token_drop": 0.5}],
                                "stage": "instruct", "yopo": "yopo:window=3"})
