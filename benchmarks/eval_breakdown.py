@@ -245,6 +245,16 @@ def for_config(rows: list[dict], config: str) -> list[dict]:
     return mine
 
 
+def one_config(rows: list[dict], path: str) -> list[dict]:
+    """`rows` unchanged unless they hold several configurations of a compression grid: those would be
+    scored together (the same item id once per configuration), so that is a clear error asking for --config."""
+    labels = sorted({str(r["config"]) for r in rows if "config" in r})
+    if len(labels) > 1:
+        raise SystemExit(f"eval_breakdown: {path} holds {len(labels)} grid configurations "
+                         f"({', '.join(labels)}); pick one with --config LABEL")
+    return rows
+
+
 def main(argv: list[str]) -> int:
     argv = list(argv)
     config = None
@@ -255,7 +265,12 @@ def main(argv: list[str]) -> int:
             return 2
         config = argv[i + 1]
         del argv[i:i + 2]
-    load = _rows if config is None else (lambda path: for_config(_rows(path), config))
+    if config is None:
+        def load(path: str) -> list[dict]:
+            return one_config(_rows(path), path)
+    else:
+        def load(path: str) -> list[dict]:
+            return for_config(_rows(path), config)
     if len(argv) == 3 and argv[1] == "--against":
         rows, other = load(argv[0]), load(argv[2])
         pairs = agreement(rows, other)

@@ -173,4 +173,8 @@ def test_config_keeps_one_grid_configuration(tmp_path, capsys):
     assert "difference +0.0" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="present: fastervlm@0.1, none"):
         mod.main([str(f), "--config", "fastv@0.1"])
+    with pytest.raises(SystemExit, match="holds 2 grid configurations \\(fastervlm@0.1, none\\); pick one with --config"):
+        mod.main([str(f)])  # without --config the two configurations' answers would be scored as one run
+    with pytest.raises(SystemExit, match="pick one with --config"):
+        mod.main([str(f), "--against", str(f)])
     assert mod.main([str(f), "--config"]) == 2
