@@ -4,7 +4,7 @@ Reads `grid_predictions.jsonl` (written by `benchmarks/compression.py` / `llavak
 prints, per config, the accuracy on "open" questions (answer not yes/no: easy-vqa's colour and shape
 questions) and on yes/no questions. This is the "open acc" column of docs/compression/README.md.
 
-    python benchmarks/grid_by_kind.py docs/compression/grid_predictions.jsonl
+    python benchmarks/grid_by_kind.py docs/compression/grid_predictions.jsonl   # or the grid's directory
     python benchmarks/grid_by_kind.py PREDICTIONS.jsonl --wrong 5   # also each config's 5 commonest wrong open answers
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter, defaultdict
+from pathlib import Path
 
 
 def by_kind(path: str) -> dict[str, dict[str, tuple[int, float]]]:
@@ -52,7 +53,14 @@ def main(argv=None) -> int:
             print("--wrong needs a number of answers", file=sys.stderr)
             return 2
         del args[i:i + 2]
-    path = args[0] if args else "docs/compression/grid_predictions.jsonl"
+    path = Path(args[0] if args else "docs/compression/grid_predictions.jsonl")
+    if path.is_dir():  # a grid's output directory: its predictions file
+        path = path / "grid_predictions.jsonl"
+    if not path.is_file():
+        print(f"no predictions file {str(path)!r} (give a grid's grid_predictions.jsonl or its directory)",
+              file=sys.stderr)
+        return 2
+    path = str(path)
     wrong = wrong_open(path) if top else {}
     for config, kinds in by_kind(path).items():
         cells = "  ".join(f"{k} {acc:5.1f} % (n={n})" for k, (n, acc) in sorted(kinds.items()))

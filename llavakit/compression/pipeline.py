@@ -90,6 +90,18 @@ class Compression:
                              f"(compact vs original); give every stage the same pos")
         return cls(parsed, plugins, original_positions=modes == {"original"})
 
+    @classmethod
+    def single(cls, spec: Any, types: type | tuple[type, ...], what: str, names: str, example: str) -> Any:
+        """The one plug-in a spec names, of one of `types` (`names` in words) — a training option's spec
+        (`yopo`, `prune_schedule`); a clear error naming the option `what` and an `example` otherwise."""
+        if not isinstance(spec, str) or not spec.strip():
+            raise InputError(f"{what} must be a compression spec such as {example!r}, got {spec!r}")
+        comp = cls.parse(spec)
+        plugins = () if comp is None else comp.plugins
+        if len(plugins) != 1 or not isinstance(plugins[0], types):
+            raise InputError(f"{what}: training takes exactly one {names} method (e.g. {example!r}), got {spec!r}")
+        return plugins[0]
+
     @property
     def spec(self) -> str:
         return format_spec(self.methods)

@@ -99,6 +99,8 @@ class TrainConfig:
     visual_token_keep: tuple[float, float] = (0.05, 0.5)  # share of visual tokens left visible, drawn uniformly
     visual_token_select: str = "random"  # which stay visible: random | cls (top [CLS] attention, as FasterVLM)
     yopo: str | None = None  # train with YOPO's pruning on, e.g. "yopo:window=5:ffn_ratio=3:layercut=24" (training/yopo_train.py)
+    # train with a layer keep schedule on, e.g. "psigmoid:k=0.0989:l0=7.40" (training/schedule_train.py)
+    prune_schedule: str | None = None
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -150,6 +152,17 @@ class TrainConfig:
             if self.token_drop_on:
                 raise InputError("yopo and visual_token_drop cannot train together (YOPO's window replaces the "
                                  "visual-to-visual mask that token drop writes); use one of them")
+
+        if self.prune_schedule is not None:
+            from .schedule_train import parse_schedule
+
+            parse_schedule(self.prune_schedule)
+            if self.stage != "instruct":
+                raise InputError("prune_schedule trains the LM under the schedule's pruning: use stage instruct "
+                                 "(LoRA or language_model)")
+            if self.yopo is not None or self.token_drop_on:
+                raise InputError("prune_schedule cannot train together with yopo or visual_token_drop (each "
+                                 "writes the attention mask its own way); use one of them")
 
     def token_drop(self, src: DataSource) -> float:
         """The chance that a sequence of `src` has visual tokens hidden: its own, else the recipe's."""

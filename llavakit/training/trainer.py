@@ -41,6 +41,7 @@ from .features import FeatureCache
 from .lora import apply_lora, grow_lora_state, load_lora_state, lora_state
 from .packing import block_mask, collate_packed, pack
 from .token_drop import cls_scores, drop_visual_tokens, step_generator
+from .schedule_train import ScheduleTraining, parse_schedule
 from .yopo_train import YopoTraining, parse_yopo
 
 MAX_BAD_STEPS = 10  # this many non-finite steps in a row stop a run (fewer are skipped)
@@ -136,6 +137,7 @@ class Trainer:
         if cfg.vision_feature_layer:
             model.set_feature_layers(cfg.vision_feature_layer)
         self.yopo = self._yopo(cfg.yopo) if cfg.yopo else None
+        self.prune = self._prune(cfg.prune_schedule) if cfg.prune_schedule else None
         self.fp = checkpoint.fingerprint(model.config.to_dict(), cfg.to_dict())
         self.resume_state = None if resume is None else self._check_out_dir(resume)
         self.ds = TurnLabeler(self.vlm.processor)
@@ -206,6 +208,13 @@ class Trainer:
             raise InputError("yopo training needs each image's tokens as one square patch grid (fixed resolution); "
                              "give grid=<side>")
         return YopoTraining(hook, side)
+
+    def _prune(self, spec: str) -> ScheduleTraining:
+        """The masked forward of a G-Search / P-Sigmoid schedule (training/schedule_train.py)."""
+        if self.model.visual_inject is not None:
+            raise InputError("prune_schedule cannot train together with visual re-injection (the schedule's "
+                             "masked forward does not re-add the visual tokens)")
+        return ScheduleTraining(parse_schedule(spec))
 
     def _check_out_dir(self, resume: bool) -> dict[str, Any] | None:
         """The checkpoint to resume from (None: start fresh); refuses a checkpoint of another model or
@@ -324,6 +333,9 @@ class Trainer:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
             if self.yopo is not None:  # YOPO's pruning in masked form (training/yopo_train.py)
                 hidden = self.yopo.forward(lm, emb, mask, batch["position_ids"], img_mask)
+            elif self.prune is not None:  # a G-Search / P-Sigmoid schedule in masked form (schedule_train.py)
+                hidden = self.prune.forward(lm, emb, mask, batch["position_ids"], img_mask, batch["block_ids"],
+                                            batch["labels"], batch["valid"])
             else:
                 hidden = lm(emb, attention_mask=mask, position_ids=batch["position_ids"],
                             inject=model.injection(ids, emb))

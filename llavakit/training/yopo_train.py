@@ -45,14 +45,7 @@ def parse_yopo(spec: str) -> YOPO:
     """A one-method compression spec naming yopo -> its hook (a clear error for anything else)."""
     from ..compression import Compression
 
-    if not isinstance(spec, str) or not spec.strip():
-        raise InputError(f"yopo must be a compression spec such as 'yopo:window=5:ffn_ratio=2', got {spec!r}")
-    comp = Compression.parse(spec)
-    plugins = () if comp is None else comp.plugins
-    if len(plugins) != 1 or not isinstance(plugins[0], YOPO):
-        raise InputError(f"yopo: training takes exactly one yopo method (e.g. 'yopo:window=5:ffn_ratio=2'), "
-                         f"got {spec!r}")
-    return plugins[0]
+    return Compression.single(spec, YOPO, "yopo", "yopo", "yopo:window=5:ffn_ratio=2")
 
 
 def grid_coords(visual: Tensor, side: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -122,12 +115,15 @@ def _drop_visual(h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, vis: Tensor)
 
 
 def _layer(block, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, vis: Tensor, off: Tensor | None,
-           ratio: int) -> Tensor:
+           ratio: int, probe: dict | None = None) -> Tensor:
     """One decoder layer with (a)-(c) as masks: mask (B, 1, T, T) already windowed; off (H,) bool inactive
-    query heads, or None when every head is active."""
+    query heads, or None when every head is active. `probe` (a dict) receives the layer's detached "q" and
+    "k" (schedule_train.py ranks tokens by them)."""
     attn, mlp = block.self_attn, block.mlp
     b, t, _ = h.shape
     q, k, v = attn.qkv(block.input_layernorm(h), cos, sin)  # (B, H, T, Dh), (B, Hkv, T, Dh) x2
+    if probe is not None:
+        probe["q"], probe["k"] = q.detach(), k.detach()
     if off is not None:
         eye = torch.eye(t, dtype=torch.bool, device=h.device)
         hide = vis[:, None, :] & ~eye  # (B, T, T): visual keys, except each row's own (no empty row)

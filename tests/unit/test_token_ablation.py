@@ -58,6 +58,12 @@ def test_grid_by_kind_counts_the_wrong_open_answers(tmp_path, capsys):
     assert mod.main([str(path), "--wrong", "2"]) == 0
     assert "2: blue 2" in capsys.readouterr().out
     assert mod.main([str(path), "--wrong"]) == 2
+    (tmp_path / "grid").mkdir()
+    path.rename(tmp_path / "grid" / "grid_predictions.jsonl")
+    assert mod.main([str(tmp_path / "grid")]) == 0  # a grid's directory reads its predictions file
+    assert "open" in capsys.readouterr().out
+    assert mod.main([str(tmp_path / "nowhere")]) == 2
+    assert "no predictions file" in capsys.readouterr().err
 
 
 def test_grid_by_kind_help(capsys):
