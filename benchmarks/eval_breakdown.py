@@ -29,6 +29,7 @@ import json
 import re
 import sys
 from collections import Counter, defaultdict
+from pathlib import Path
 
 
 def _rows(path: str) -> list[dict]:
@@ -257,6 +258,15 @@ def one_config(rows: list[dict], path: str) -> list[dict]:
 
 def main(argv: list[str]) -> int:
     argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        return 0
+    missing = [a for i, a in enumerate(argv) if not a.startswith("--") and (i == 0 or argv[i - 1] != "--config")
+               and not Path(a).is_file()]
+    if missing:
+        print(f"no predictions file {missing[0]!r} (give llavakit eval's predictions.jsonl or a grid's "
+              f"grid_predictions.jsonl)", file=sys.stderr)
+        return 2
     config = None
     if "--config" in argv:  # a grid's file: keep one configuration's rows (both files with --against)
         i = argv.index("--config")

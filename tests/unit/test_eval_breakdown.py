@@ -178,3 +178,15 @@ def test_config_keeps_one_grid_configuration(tmp_path, capsys):
     with pytest.raises(SystemExit, match="pick one with --config"):
         mod.main([str(f), "--against", str(f)])
     assert mod.main([str(f), "--config"]) == 2
+
+
+def test_help_and_a_missing_file_are_clear(tmp_path, capsys):
+    mod = load_benchmark("eval_breakdown")
+    assert mod.main(["--help"]) == 0
+    assert "--against" in capsys.readouterr().out
+    assert mod.main([str(tmp_path / "nowhere.jsonl")]) == 2
+    assert "no predictions file" in capsys.readouterr().err
+    real = tmp_path / "p.jsonl"
+    real.write_text("")
+    assert mod.main([str(real), "--against", str(tmp_path / "other.jsonl")]) == 2
+    assert "other.jsonl" in capsys.readouterr().err
