@@ -158,3 +158,12 @@ def test_recipe_trains_under_a_schedule(tiny_llava_dir, tmp_path, one_torch_thre
     assert torch.isfinite(loss) and abs(float(loss.detach()) - float(a)) > 1e-4
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pruned.params)
+
+
+def test_visual_reinjection_is_refused_at_setup(tiny_llava_dir, tmp_path):
+    path = training_recipe(tmp_path, tiny_llava_dir, prune_schedule="gsearch:ratios=1/0.5", visual_inject=[1],
+                           visual_inject_rank=4, train=["multi_modal_projector", "visual_inject"],
+                           lr={"multi_modal_projector": 0.002, "lora": 0.001, "visual_inject": 0.05})
+    tr = Trainer(TrainConfig.from_dict(yaml.safe_load(path.read_text())))
+    with pytest.raises(InputError, match="re-injection"):
+        tr.setup()
