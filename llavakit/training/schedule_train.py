@@ -104,6 +104,7 @@ class ScheduleTraining:
         cos, sin = lm.rotary(position_ids, emb.dtype)  # (B, T, Dh)
         cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
         weights, group = query_groups(block_ids, labels, visual, valid)  # (B, G, T), (B, T)
+        rows, row_w = _ranking_rows(weights)  # (B, R), (B, G, R)
         n_vis = visual.sum(1).tolist()  # N per row: the prompt's visual tokens
         seen = visual[:, None, :].expand(-1, weights.shape[1], -1).clone()  # (B, G, T) visible visual keys
         eye = torch.eye(t, dtype=torch.bool, device=emb.device)
@@ -117,24 +118,34 @@ class ScheduleTraining:
             scores = None
             if probe is not None:
                 with torch.no_grad():
-                    probs = attention_rows(probe["q"], probe["k"], cur)  # (B, H, T, T) fp32
-                    scores = torch.einsum("bgr,bhrk->bgk", weights, probs) / probs.shape[1]  # (B, G, T)
+                    q = probe["q"].gather(2, rows[:, None, :, None].expand(-1, probe["q"].shape[1], -1,
+                                                                           probe["q"].shape[-1]))  # (B, H, R, Dh)
+                    m = cur.gather(2, rows[:, None, :, None].expand(-1, 1, -1, t))  # (B, 1, R, T)
+                    probs = attention_rows(q, probe["k"], m)  # (B, H, R, T) fp32: the ranking rows only
+                    scores = torch.einsum("bgr,bhrk->bgk", row_w, probs) / probs.shape[1]  # (B, G, T)
         return lm.model.norm(h)
 
 
+def _ranking_rows(weights: Tensor) -> tuple[Tensor, Tensor]:
+    """weights (B, G, T) -> the positions any query ranks with, (B, R) (right-padded with position 0), and
+    the weights at them (B, G, R) (0 on the padding), so attention is recomputed for those rows only."""
+    used = weights.sum(1) > 0  # (B, T)
+    r = int(used.sum(1).max())
+    order = torch.sort(used.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :r]  # (B, R)
+    rows = torch.where(used.gather(1, order), order, 0)
+    row_w = weights.gather(2, rows[:, None, :].expand(-1, weights.shape[1], -1))
+    return rows, row_w * used.gather(1, order)[:, None, :]
+
+
 def _select(scores: Tensor, seen: Tensor, target: list[int]) -> Tensor:
-    """Each query's top `target[row]` visible visual keys by score (stable order, as the inference hook)."""
-    out = seen.clone()
-    for i in range(seen.shape[0]):
-        for j in range(seen.shape[1]):
-            n = int(seen[i, j].sum())
-            if target[i] >= n or n == 0:
-                continue
-            s = scores[i, j].masked_fill(~seen[i, j], float("-inf"))
-            order = torch.sort(s.float(), descending=True, stable=True).indices[:target[i]]
-            out[i, j] = False
-            out[i, j, order] = True
-    return out
+    """Each query's top `target[row]` visible visual keys by score (stable order, as the inference hook):
+    seen (B, G, T) bool -> (B, G, T) bool."""
+    s = scores.float().masked_fill(~seen, float("-inf"))
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices  # (B, G, T)
+    pos = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, pos)  # (B, G, T) each token's place in the order
+    k = torch.minimum(torch.tensor(target, device=seen.device)[:, None], seen.sum(-1))  # (B, G)
+    return rank < k[..., None]
 
 
 def _masked(mask: Tensor, visual: Tensor, seen: Tensor, group: Tensor, eye: Tensor) -> Tensor:

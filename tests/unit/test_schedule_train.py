@@ -167,3 +167,18 @@ def test_visual_reinjection_is_refused_at_setup(tiny_llava_dir, tmp_path):
     tr = Trainer(TrainConfig.from_dict(yaml.safe_load(path.read_text())))
     with pytest.raises(InputError, match="re-injection"):
         tr.setup()
+
+
+def test_select_keeps_each_querys_top_visible_tokens():
+    from llavakit.training.schedule_train import _ranking_rows, _select
+
+    scores = torch.tensor([[[0.1, 0.5, 0.5, 0.9, 0.0], [0.9, 0.1, 0.2, 0.3, 0.0]]])  # (B=1, G=2, T=5)
+    seen = torch.tensor([[[True, True, True, False, False], [True, True, True, True, False]]])
+    got = _select(scores, seen, [2])
+    # query 0: 0.9 is hidden already; the tie 0.5 / 0.5 keeps both; query 1: 0.9 and 0.3
+    assert got.tolist() == [[[False, True, True, False, False], [True, False, False, True, False]]]
+    assert _select(scores, seen, [4]).tolist() == seen.tolist()  # asking for more keeps what is visible
+    w = torch.tensor([[[0.0, 0.5, 0.0, 0.5], [0.0, 0.0, 1.0, 0.0]], [[0.0, 0.0, 0.0, 1.0], [0.0] * 4]])
+    rows, row_w = _ranking_rows(w)
+    assert rows.tolist() == [[1, 2, 3], [3, 0, 0]]
+    torch.testing.assert_close(torch.einsum("bgr->bg", row_w), w.sum(-1))
