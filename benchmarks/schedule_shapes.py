@@ -117,9 +117,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = Path(args.schedule)
     if not path.is_file():
         raise SystemExit(f"schedule_shapes.py: no schedule file {str(path)!r}")
-    meta = json.loads(path.read_text())
-    if meta.get("method") != "psigmoid":
-        raise SystemExit(f"schedule_shapes.py: {str(path)!r} holds a {meta.get('method')!r} schedule, not psigmoid")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise SystemExit(f"schedule_shapes.py: {str(path)!r} is not JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("method") != "psigmoid":
+        method = meta.get("method") if isinstance(meta, dict) else None
+        raise SystemExit(f"schedule_shapes.py: {str(path)!r} holds a {method!r} schedule, not psigmoid")
+    missing = [key for key in ("k", "l0", "num_visual", "num_text") if key not in meta]
+    if missing:
+        raise SystemExit(f"schedule_shapes.py: {str(path)!r} lacks {', '.join(missing)} (write it with "
+                         f"python -m llavakit.compression.search --psigmoid)")
     import llavakit
     from llavakit.compression.search import prefill_flops_fn
 

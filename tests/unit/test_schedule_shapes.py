@@ -67,3 +67,11 @@ def test_impossible_shapes_are_clear_errors(tmp_path):
     gs.write_text(json.dumps({"method": "gsearch", "ratios": [1.0, 0.5]}))
     with pytest.raises(SystemExit, match="not psigmoid"):
         mod.main(["--schedule", str(gs)])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit, match="not JSON"):
+        mod.main(["--schedule", str(bad)])
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({"method": "psigmoid", "k": 0.1, "l0": 7.0}))
+    with pytest.raises(SystemExit, match="lacks num_visual, num_text"):
+        mod.main(["--schedule", str(bare)])
