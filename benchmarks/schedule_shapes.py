@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,8 +32,8 @@ from llavakit.llm_hooks.schedule import PSigmoid, keep_count
 
 
 def sigmoid_tail(k: float, l0: float, first: int, num_layers: int) -> list[float]:
-    """r(l) = 1 / (1 + exp(k (l - l0))) for l = first .. num_layers - 1."""
-    return [1.0 / (1.0 + math.exp(min(k * (l - l0), 700.0))) for l in range(first, num_layers)]
+    """P-Sigmoid's r(l) = 1 / (1 + exp(k (l - l0))) for l = first .. num_layers - 1 (first >= 1)."""
+    return PSigmoid(k, l0).ratios(num_layers)[first:]
 
 
 def _bisect(f: Callable[[float], float], target: float, lo: float, hi: float) -> float:
@@ -131,11 +130,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     import llavakit
     from llavakit.compression.search import prefill_flops_fn
 
+    try:
+        k, l0, nv, nt = float(meta["k"]), float(meta["l0"]), int(meta["num_visual"]), int(meta["num_text"])
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"schedule_shapes.py: {str(path)!r}: k / l0 / num_visual / num_text must be numbers "
+                         f"({e})") from None
     vlm = llavakit.load(args.model)
-    L, nv, nt = vlm.config.lm.num_hidden_layers, int(meta["num_visual"]), int(meta["num_text"])
+    L = vlm.config.lm.num_hidden_layers
     flops_fn = prefill_flops_fn(vlm.config, nv, nt)
     try:
-        specs = shapes(float(meta["k"]), float(meta["l0"]), L, flops_fn, args.budget, args.whole, args.whole_flat)
+        specs = shapes(k, l0, L, flops_fn, args.budget, args.whole, args.whole_flat)
     except InputError as e:
         raise SystemExit(f"schedule_shapes.py: {e}") from None
     for name, spec in specs.items():
