@@ -127,17 +127,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"schedule_shapes.py: {str(path)!r} lacks {', '.join(missing)} (write it with "
                          f"python -m llavakit.compression.search --psigmoid)")
-    import llavakit
     from llavakit.compression.search import prefill_flops_fn
+    from llavakit.hf_format import read_config_json, vlm_config_from_hf
+    from llavakit.loader import resolve_source
 
     try:
         k, l0, nv, nt = float(meta["k"]), float(meta["l0"]), int(meta["num_visual"]), int(meta["num_text"])
     except (TypeError, ValueError) as e:
         raise SystemExit(f"schedule_shapes.py: {str(path)!r}: k / l0 / num_visual / num_text must be numbers "
                          f"({e})") from None
-    vlm = llavakit.load(args.model)
-    L = vlm.config.lm.num_hidden_layers
-    flops_fn = prefill_flops_fn(vlm.config, nv, nt)
+    try:
+        config = vlm_config_from_hf(read_config_json(resolve_source(args.model)))  # the config only, no weights
+    except InputError as e:
+        raise SystemExit(f"schedule_shapes.py: --model {args.model!r}: {e}") from None
+    L = config.lm.num_hidden_layers
+    flops_fn = prefill_flops_fn(config, nv, nt)
     try:
         specs = shapes(k, l0, L, flops_fn, args.budget, args.whole, args.whole_flat)
     except InputError as e:

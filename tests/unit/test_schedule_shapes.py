@@ -78,3 +78,6 @@ def test_impossible_shapes_are_clear_errors(tmp_path):
     bare.write_text(json.dumps({"method": "psigmoid", "k": "steep", "l0": 7.0, "num_visual": 256, "num_text": 43}))
     with pytest.raises(SystemExit, match="must be numbers"):
         mod.main(["--schedule", str(bare)])
+    bare.write_text(json.dumps({"method": "psigmoid", "k": 0.1, "l0": 7.0, "num_visual": 256, "num_text": 43}))
+    with pytest.raises(SystemExit, match="--model"):
+        mod.main(["--schedule", str(bare), "--model", str(tmp_path / "no-model")])
