@@ -128,11 +128,16 @@ class _LayerSchedule:
             if k >= n:
                 keep[i] = vis[i]
                 continue
-            score = att[i, :, r_max - int(n_text[i]):].mean(0).mean(0)  # (T,): heads, then text rows
-            score = score.masked_fill(~vis[i], float("-inf"))
-            order = torch.sort(score.float(), descending=True, stable=True).indices[:k]
-            keep[i, order] = True
+            keep[i, self.select(att[i, :, r_max - int(n_text[i]):], vis[i], k)] = True
         return keep
+
+    def select(self, att: Tensor, visual: Tensor, k: int) -> Tensor:
+        """The k visual positions of one row that go on: `att` (H, R, T) its text rows' attention in the
+        previous layer, `visual` (T,) bool its surviving visual positions -> (k,) long. The paper's rule:
+        attention averaged over heads, then over text rows, top k (ties to the earlier position)."""
+        score = att.mean(0).mean(0)  # (T,): heads, then text rows
+        score = score.masked_fill(~visual, float("-inf"))
+        return torch.sort(score.float(), descending=True, stable=True).indices[:k]
 
 
 class GSearch(_LayerSchedule):
