@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -33,6 +34,9 @@ from torch import Tensor
 from llavakit.compression.base import (METHODS, StageContext, check_params, keep_top_by_patch_score, register,
                                        resolve_keep)
 from llavakit.errors import InputError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diagnostic_evals import run_evals  # noqa: E402
 
 ANCHORS = ("cls", "left", "right")
 
@@ -84,8 +88,6 @@ def register_anchor() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llavakit.cli import main as cli
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--count", type=int, default=26, help="FasterVLM's own tokens (26 = keep 10 %% of 256)")
     p.add_argument("--anchors", default=",".join(ANCHORS), help="comma-separated: cls (FasterVLM's own "
@@ -96,17 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     register_anchor()
-    for anchors in a.anchors.split(","):
-        args = ["eval", "--model", "default", "--dtype", "bfloat16", "--no-progress", "--tasks", a.tasks,
-                "--limit", str(a.limit), "--compression",
-                f"fastervlm_anchor:count={a.count}:anchors={anchors}:pos=original", "--out", f"{a.out}/{anchors}"]
-        if a.weights:
-            args += ["--weights", a.weights]
-        rc = cli(args)
-        if rc:
-            return rc
-    return 0
-
+    return run_evals([(f"fastervlm_anchor:count={a.count}:anchors={anchors}:pos=original", f"{a.out}/{anchors}")
+                      for anchors in a.anchors.split(",")], a.tasks, a.limit, a.weights)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +37,9 @@ from torch import Tensor
 from llavakit.compression.base import METHODS, check_params, register
 from llavakit.errors import InputError
 from llavakit.llm_hooks.schedule import PSigmoid
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diagnostic_evals import run_evals  # noqa: E402
 
 RANKS = ("text", "last", "headmax", "rowmax")
 # The P-Sigmoid found on stage I3 (docs/compression/psigmoid-stageI3.json): LM prefill FLOPs x0.448.
@@ -111,8 +115,6 @@ def parse_configs(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llavakit.cli import main as cli
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--k", type=float, default=I3_K, help="P-Sigmoid steepness (default: the stage-I3 search's)")
     p.add_argument("--l0", type=float, default=I3_L0, help="P-Sigmoid midpoint (default: the stage-I3 search's)")
@@ -128,17 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     register_ranked()
-    for c in configs:
-        args = ["eval", "--model", "default", "--dtype", "bfloat16", "--no-progress", "--tasks", a.tasks,
-                "--limit", str(a.limit), "--compression", f"psigmoid_rank:k={a.k}:l0={a.l0}:{c}",
-                "--out", f"{a.out}/{c.replace('=', '-')}"]
-        if a.weights:
-            args += ["--weights", a.weights]
-        rc = cli(args)
-        if rc:
-            return rc
-    return 0
-
+    return run_evals([(f"psigmoid_rank:k={a.k}:l0={a.l0}:{c}", f"{a.out}/{c.replace('=', '-')}") for c in configs],
+                     a.tasks, a.limit, a.weights)
 
 if __name__ == "__main__":
     sys.exit(main())

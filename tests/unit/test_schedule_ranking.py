@@ -70,3 +70,19 @@ def test_bad_input_is_named_and_importing_leaves_the_registry_alone():
             mod.parse_configs(bad)
     assert mod.main(["--configs", "rank=cls", "--out", "unused"]) == 2  # before any model is loaded
     assert "psigmoid_rank" not in METHODS
+
+
+def test_run_evals_runs_one_eval_per_spec_and_stops_at_the_first_failure(monkeypatch):
+    import llavakit.cli
+
+    mod = load_benchmark("diagnostic_evals")
+    calls = []
+    monkeypatch.setattr(llavakit.cli, "main", lambda args: calls.append(args) or (3 if "bad" in args else 0))
+    assert mod.run_evals([("a:x=1", "OUT/a"), ("b", "OUT/b")], "world-count", 8, "W.safetensors") == 0
+    assert calls[0] == ["eval", "--model", "default", "--dtype", "bfloat16", "--no-progress", "--tasks",
+                        "world-count", "--limit", "8", "--compression", "a:x=1", "--out", "OUT/a",
+                        "--weights", "W.safetensors"]
+    assert calls[1][-4:] == ["--out", "OUT/b", "--weights", "W.safetensors"]
+    calls.clear()
+    assert mod.run_evals([("bad", "OUT/1"), ("c", "OUT/2")], "world-count", 8) == 3  # its exit code
+    assert len(calls) == 1 and "--weights" not in calls[0]  # stopped; no weights given, none passed
