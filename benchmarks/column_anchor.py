@@ -101,5 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     return run_evals([(f"fastervlm_anchor:count={a.count}:anchors={anchors}:pos=original", f"{a.out}/{anchors}")
                       for anchors in a.anchors.split(",")], a.tasks, a.limit, a.weights)
 
+
 if __name__ == "__main__":
     sys.exit(main())
