@@ -14,7 +14,9 @@ and other schedule shapes at the same budget lose more (`schedule_shapes.py`). T
   tokens in raster order, the rest by `rank` (`anchors=1`: a plain spatial subsample, no attention used).
 
 The method `psigmoid_rank` (psigmoid's k / l0 / min_keep plus rank / anchors) is registered by `main` in
-this script's process only (a diagnostic, not a compression method of llavakit). Ours, not from the paper.
+this script's process only (a diagnostic, not a compression method of llavakit). It changes inference only:
+schedule-aware training (`llavakit/training/schedule_train.py`) ranks by its own masked form of the paper's
+rule. Ours, not from the paper.
 
     python benchmarks/schedule_ranking.py --limit 160 --out docs/compression/schedule-ranking-stageI3
     python benchmarks/schedule_ranking.py --weights RUN/trained.safetensors --configs rank=text,anchors=1 --out DIR
